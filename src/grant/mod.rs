@@ -1,0 +1,209 @@
+//! Challenges, the access decision, HPKE sealing of the DEK and the grant itself.
+//!
+//! A grant is minted by [`mint`], which takes by value the three proofs the design requires:
+//! an [`AttestedSession`] (built from an `attest::AttestationVerified`), an [`AccessApproved`]
+//! (built only by [`decide`]) and an `audit::AuditDurable` (built only by the sequencer).
+
+pub mod hpke;
+
+use aws_lc_rs::rand::{SecureRandom, SystemRandom};
+
+use crate::attest::{AttestationVerified, Claims};
+use crate::audit::AuditDurable;
+use crate::keys::Dek;
+use crate::store::{AccessRule, GrantRecord, SessionRecord};
+use crate::time::UnixMs;
+
+/// A challenge nonce is refused this long after it was issued (DESIGN.md step 1).
+pub const CHALLENGE_TTL_MS: u64 = 60_000;
+/// An attestation session lives this long.
+pub const SESSION_TTL_MS: u64 = 5 * 60_000;
+/// Default grant lifetime.
+pub const DEFAULT_GRANT_TTL_MS: u64 = 10 * 60_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GrantError {
+    #[error("random number generator failed")]
+    Rng,
+    #[error("stored session is corrupt")]
+    CorruptSession,
+    #[error("the durable audit entry does not name this grant")]
+    AuditMismatch,
+    #[error("HPKE sealing failed")]
+    Seal,
+}
+
+/// `n` random bytes.
+pub fn random<const N: usize>() -> Result<[u8; N], GrantError> {
+    let mut out = [0u8; N];
+    SystemRandom::new()
+        .fill(&mut out)
+        .map_err(|_| GrantError::Rng)?;
+    Ok(out)
+}
+
+/// SHA-256 of a bearer token (what the store and the log keep instead of the token).
+pub fn token_sha256(token: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token).as_ref());
+    out
+}
+
+/// A live attestation session: verified claims bound to the node's X25519 key.
+#[derive(Debug)]
+pub struct AttestedSession {
+    token_sha256: [u8; 32],
+    claims: Claims,
+    node_public_key: [u8; 32],
+}
+
+impl AttestedSession {
+    /// A session from evidence that just verified.
+    pub fn from_verified(
+        verified: AttestationVerified,
+        node_public_key: [u8; 32],
+        token_sha256: [u8; 32],
+    ) -> Self {
+        Self {
+            token_sha256,
+            claims: verified.into_claims(),
+            node_public_key,
+        }
+    }
+
+    /// A session the vault stored when its evidence verified; `None` if it expired.
+    pub fn from_record(rec: &SessionRecord, now: UnixMs) -> Result<Option<Self>, GrantError> {
+        if now >= rec.expires_ms {
+            return Ok(None);
+        }
+        let claims: Claims =
+            serde_json::from_str(&rec.claims_json).map_err(|_| GrantError::CorruptSession)?;
+        Ok(Some(Self {
+            token_sha256: rec.token_sha256,
+            claims,
+            node_public_key: rec.node_public_key,
+        }))
+    }
+
+    pub fn claims(&self) -> &Claims {
+        &self.claims
+    }
+
+    pub fn token_sha256(&self) -> &[u8; 32] {
+        &self.token_sha256
+    }
+}
+
+/// The access decision said yes; only [`decide`] constructs it.
+#[derive(Debug)]
+pub struct AccessApproved {
+    grant_id: String,
+    model: String,
+    version: u64,
+    not_after_ms: UnixMs,
+    rule: AccessRule,
+}
+
+impl AccessApproved {
+    pub fn grant_id(&self) -> &str {
+        &self.grant_id
+    }
+
+    pub fn not_after_ms(&self) -> UnixMs {
+        self.not_after_ms
+    }
+
+    /// The rule that allowed access.
+    pub fn rule(&self) -> &AccessRule {
+        &self.rule
+    }
+}
+
+/// Why access was refused; `Display` is safe to show the node.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AccessDenied {
+    #[error("no access rule allows {tee} measurement {measurement} to read model {model}")]
+    NoMatchingRule {
+        model: String,
+        tee: String,
+        measurement: String,
+    },
+}
+
+/// The access decision: a rule for this model must name the session's TEE and measurement.
+pub fn decide(
+    session: &AttestedSession,
+    model: &str,
+    version: u64,
+    rules: &[AccessRule],
+    now: UnixMs,
+    grant_ttl_ms: u64,
+) -> Result<AccessApproved, AccessDenied> {
+    let claims = session.claims();
+    let rule = rules.iter().find(|r| {
+        r.model == model && r.tee == claims.tee.as_str() && r.measurement == claims.measurement
+    });
+    match rule {
+        Some(rule) => {
+            let id = random::<16>().map_err(|_| AccessDenied::NoMatchingRule {
+                model: model.into(),
+                tee: claims.tee.to_string(),
+                measurement: claims.measurement.clone(),
+            })?;
+            Ok(AccessApproved {
+                grant_id: format!("g-{}", hex::encode(id)),
+                model: model.to_string(),
+                version,
+                not_after_ms: now.saturating_add(grant_ttl_ms),
+                rule: rule.clone(),
+            })
+        }
+        None => Err(AccessDenied::NoMatchingRule {
+            model: model.to_string(),
+            tee: claims.tee.to_string(),
+            measurement: claims.measurement.clone(),
+        }),
+    }
+}
+
+/// A minted grant: the record to store and the DEK sealed to the node.
+pub struct MintedGrant {
+    pub record: GrantRecord,
+    pub sealed: hpke::SealedDek,
+    pub info: Vec<u8>,
+}
+
+/// Mints a grant. Consumes the three proofs; the audit entry must name this grant.
+pub fn mint(
+    session: AttestedSession,
+    approval: AccessApproved,
+    durable: AuditDurable,
+    dek: &Dek,
+    now: UnixMs,
+) -> Result<MintedGrant, GrantError> {
+    if durable.grant_id() != Some(approval.grant_id.as_str()) {
+        return Err(GrantError::AuditMismatch);
+    }
+    let info = hpke::grant_info(
+        &approval.grant_id,
+        &approval.model,
+        approval.version,
+        approval.not_after_ms,
+    );
+    let sealed = hpke::seal_dek(dek, &session.node_public_key, &info)?;
+    Ok(MintedGrant {
+        record: GrantRecord {
+            grant_id: approval.grant_id,
+            session_sha256: session.token_sha256,
+            model: approval.model,
+            version: approval.version,
+            node_public_key: session.node_public_key,
+            created_ms: now,
+            not_after_ms: approval.not_after_ms,
+            revoked: false,
+            bytes_served: 0,
+        },
+        sealed,
+        info,
+    })
+}

@@ -1,0 +1,200 @@
+//! The KEK ring and the vault signing key, unlocked by the root key. DEKs are generated here and
+//! leave only wrapped by the active KEK; unwrapping needs the KEK version they name.
+
+use std::collections::BTreeMap;
+
+use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
+use zeroize::Zeroizing;
+
+use super::secret::{Dek, KEY_LEN, Kek, RootKey};
+use super::{KeyError, wrap};
+use crate::store::{KekRecord, MetadataStore, StoreError};
+use crate::time::UnixMs;
+
+const SIGNING_KEY_NAME: &str = "vault-signing-key/v1";
+
+fn kek_aad(version: u32) -> Vec<u8> {
+    let mut aad = b"weightvault/kek/v1".to_vec();
+    aad.extend_from_slice(&version.to_be_bytes());
+    aad
+}
+
+/// Binds a wrapped DEK to its KEK version, model and version id.
+fn dek_aad(kek_version: u32, model: &str, version_id: &[u8; 16]) -> Vec<u8> {
+    let mut aad = b"weightvault/dek/v1".to_vec();
+    aad.extend_from_slice(&kek_version.to_be_bytes());
+    aad.extend_from_slice(&(model.len() as u64).to_be_bytes());
+    aad.extend_from_slice(model.as_bytes());
+    aad.extend_from_slice(version_id);
+    aad
+}
+
+/// What `open` created on first use, for the audit log.
+#[derive(Debug, Default)]
+pub struct Created {
+    pub kek_version: Option<u32>,
+    pub signing_key: bool,
+}
+
+pub struct KeyRing {
+    keks: BTreeMap<u32, Kek>,
+    active: u32,
+    signing: Ed25519KeyPair,
+}
+
+impl KeyRing {
+    /// Unlocks the ring with the root key, creating the first KEK and the signing key if the
+    /// store has none. A root key that does not unwrap the stored keys is an error, never a reset.
+    pub async fn open(
+        root: &RootKey,
+        store: &dyn MetadataStore,
+        now: UnixMs,
+    ) -> Result<(Self, Created), KeyError> {
+        let mut created = Created::default();
+        let mut records = store.keks().await?;
+        if records.is_empty() {
+            let kek = Kek::generate().map_err(|_| KeyError::Rng)?;
+            let rec = KekRecord {
+                version: 1,
+                wrapped: wrap::wrap(root.expose_secret(), kek.expose_secret(), &kek_aad(1))?,
+                created_ms: now,
+            };
+            match store.insert_kek(&rec).await {
+                Ok(()) => created.kek_version = Some(1),
+                // Another replica created it first; use theirs.
+                Err(StoreError::Conflict(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+            records = store.keks().await?;
+        }
+        let mut keks = BTreeMap::new();
+        for rec in &records {
+            let mut raw = unwrap_fixed(root.expose_secret(), &rec.wrapped, &kek_aad(rec.version))?;
+            keks.insert(rec.version, Kek::from_bytes(&mut raw));
+        }
+        let active = *keks.keys().next_back().expect("at least one KEK");
+
+        let signing_aad = b"weightvault/signing-key/v1".as_slice();
+        let wrapped = match store.get_wrapped_secret(SIGNING_KEY_NAME).await? {
+            Some(w) => w,
+            None => {
+                let rng = aws_lc_rs::rand::SystemRandom::new();
+                let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|_| KeyError::Rng)?;
+                let w = wrap::wrap(root.expose_secret(), pkcs8.as_ref(), signing_aad)?;
+                created.signing_key = store
+                    .put_wrapped_secret_if_absent(SIGNING_KEY_NAME, &w)
+                    .await?;
+                store
+                    .get_wrapped_secret(SIGNING_KEY_NAME)
+                    .await?
+                    .ok_or(KeyError::UnwrapFailed)?
+            }
+        };
+        let pkcs8 = wrap::unwrap(root.expose_secret(), &wrapped, signing_aad)?;
+        let signing = Ed25519KeyPair::from_pkcs8(&pkcs8).map_err(|_| KeyError::UnwrapFailed)?;
+        Ok((
+            Self {
+                keks,
+                active,
+                signing,
+            },
+            created,
+        ))
+    }
+
+    pub fn active_kek_version(&self) -> u32 {
+        self.active
+    }
+
+    /// A fresh DEK for a new model version, and its wrapping under the active KEK.
+    pub fn new_dek(
+        &self,
+        model: &str,
+        version_id: &[u8; 16],
+    ) -> Result<(Dek, u32, Vec<u8>), KeyError> {
+        let dek = Dek::generate().map_err(|_| KeyError::Rng)?;
+        let kek = &self.keks[&self.active];
+        let wrapped = wrap::wrap(
+            kek.expose_secret(),
+            dek.expose_secret(),
+            &dek_aad(self.active, model, version_id),
+        )?;
+        Ok((dek, self.active, wrapped))
+    }
+
+    /// Unwraps the DEK of a model version.
+    pub fn unwrap_dek(
+        &self,
+        kek_version: u32,
+        wrapped: &[u8],
+        model: &str,
+        version_id: &[u8; 16],
+    ) -> Result<Dek, KeyError> {
+        let kek = self
+            .keks
+            .get(&kek_version)
+            .ok_or(KeyError::UnknownKek(kek_version))?;
+        let mut raw = unwrap_fixed(
+            kek.expose_secret(),
+            wrapped,
+            &dek_aad(kek_version, model, version_id),
+        )?;
+        Ok(Dek::from_bytes(&mut raw))
+    }
+
+    /// The vault's Ed25519 signing key (manifests).
+    pub fn signing_key(&self) -> &Ed25519KeyPair {
+        &self.signing
+    }
+
+    pub fn signing_public_key(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        out.copy_from_slice(self.signing.public_key().as_ref());
+        out
+    }
+}
+
+fn unwrap_fixed(
+    key: &[u8; KEY_LEN],
+    wrapped: &[u8],
+    aad: &[u8],
+) -> Result<Zeroizing<[u8; KEY_LEN]>, KeyError> {
+    let raw = wrap::unwrap(key, wrapped, aad)?;
+    let mut out = Zeroizing::new([0u8; KEY_LEN]);
+    if raw.len() != KEY_LEN {
+        return Err(KeyError::UnwrapFailed);
+    }
+    out.copy_from_slice(&raw);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sqlite::SqliteStore;
+
+    #[tokio::test]
+    async fn ring_persists_and_refuses_another_root_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("m.db")).await.unwrap();
+        let root = RootKey::generate().unwrap();
+        let (ring, created) = KeyRing::open(&root, &store, 1).await.unwrap();
+        assert_eq!(created.kek_version, Some(1));
+        assert!(created.signing_key);
+        let (dek, kv, wrapped) = ring.new_dek("m", &[1; 16]).unwrap();
+
+        let (again, created) = KeyRing::open(&root, &store, 2).await.unwrap();
+        assert!(created.kek_version.is_none() && !created.signing_key);
+        assert_eq!(again.signing_public_key(), ring.signing_public_key());
+        let back = again.unwrap_dek(kv, &wrapped, "m", &[1; 16]).unwrap();
+        assert_eq!(back.expose_secret(), dek.expose_secret());
+        assert!(again.unwrap_dek(kv, &wrapped, "other", &[1; 16]).is_err());
+        assert!(again.unwrap_dek(kv, &wrapped, "m", &[2; 16]).is_err());
+
+        let wrong = RootKey::generate().unwrap();
+        assert!(matches!(
+            KeyRing::open(&wrong, &store, 3).await,
+            Err(KeyError::UnwrapFailed)
+        ));
+    }
+}

@@ -1,0 +1,546 @@
+//! AdminService: push model versions, list them, and set access rules. Every call requires the
+//! admin role; every change is an audit entry.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use aws_lc_rs::digest;
+use bytes::Bytes;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::auth::Role;
+use super::error::{ApiError, internal};
+use super::{Vault, check_model_name, request_id};
+use crate::attest::TeeKind;
+use crate::audit::{Action, Actor, Decision};
+use crate::envelope::manifest::{
+    MANIFEST_FORMAT, Manifest, ManifestFile, sign_manifest, validate_path,
+};
+use crate::envelope::{FileContext, FileSealer, Header, TAG_LEN};
+use crate::keys::Dek;
+use crate::proto::v1::admin_service_server::AdminService;
+use crate::proto::v1::push_model_request::Msg;
+use crate::proto::v1::{
+    AccessRule as PbRule, AllowAccessRequest, AllowAccessResponse, FileInfo, GetModelRequest,
+    GetModelResponse, ListAccessRequest, ListAccessResponse, ListModelsRequest, ListModelsResponse,
+    ModelSummary as PbSummary, PushModelRequest, PushModelResponse, VersionInfo,
+};
+use crate::store::{AccessRule, StoreError, VersionRecord, chunk_key, version_prefix};
+
+pub struct AdminApi {
+    vault: Arc<Vault>,
+}
+
+impl AdminApi {
+    pub fn new(vault: Arc<Vault>) -> Self {
+        Self { vault }
+    }
+}
+
+/// Deletes an upload's blobs unless disarmed: a push that fails, or whose client disappears and
+/// whose handler is dropped, leaves nothing behind.
+struct UploadGuard {
+    vault: Arc<Vault>,
+    id: [u8; 16],
+    armed: bool,
+}
+
+impl Drop for UploadGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let vault = self.vault.clone();
+        let id = self.id;
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                if let Err(e) = vault.blobs.delete_prefix(&version_prefix(&id)).await {
+                    tracing::warn!(error = %e, "cleaning an aborted upload; it is retried at restart");
+                    return;
+                }
+                let _ = vault.store.end_upload(&id).await;
+            });
+        }
+    }
+}
+
+/// One file being received: plaintext accumulates into `buf` and is sealed chunk by chunk.
+struct FileInProgress {
+    path: String,
+    header: Header,
+    sealer: Option<FileSealer>,
+    buf: Vec<u8>,
+    received: u64,
+    sha256: digest::Context,
+}
+
+impl AdminApi {
+    async fn push(
+        &self,
+        rid: &str,
+        actor: Actor,
+        mut stream: Streaming<PushModelRequest>,
+    ) -> Result<PushModelResponse, ApiError> {
+        let v = &self.vault;
+        let next = |m: Result<Option<PushModelRequest>, Status>| -> Result<Option<Msg>, ApiError> {
+            match m {
+                Ok(Some(PushModelRequest { msg: Some(msg) })) => Ok(Some(msg)),
+                Ok(Some(PushModelRequest { msg: None })) => {
+                    Err(ApiError::InvalidArgument("empty push message".into()))
+                }
+                Ok(None) => Ok(None),
+                Err(_) => Err(ApiError::InvalidArgument("upload stream broke off".into())),
+            }
+        };
+        let model = match next(stream.message().await)? {
+            Some(Msg::Start(s)) => s.model,
+            _ => {
+                return Err(ApiError::InvalidArgument(
+                    "a push must begin with start".into(),
+                ));
+            }
+        };
+        check_model_name(&model)?;
+
+        let version_id = crate::grant::random::<16>().map_err(|e| internal(rid, "rng", e))?;
+        v.store
+            .begin_upload(&version_id, &model, v.now())
+            .await
+            .map_err(|e| internal(rid, "recording upload", e))?;
+        let mut guard = UploadGuard {
+            vault: v.clone(),
+            id: version_id,
+            armed: true,
+        };
+        let (dek, kek_version, wrapped_dek) = v
+            .keys
+            .new_dek(&model, &version_id)
+            .map_err(|e| internal(rid, "making DEK", e))?;
+
+        let chunk_size = v.chunk_size;
+        let mut files: Vec<ManifestFile> = Vec::new();
+        let mut paths = BTreeSet::new();
+        let mut current: Option<FileInProgress> = None;
+        let mut finished = false;
+        while let Some(msg) = next(stream.message().await)? {
+            if finished {
+                return Err(ApiError::InvalidArgument("message after finish".into()));
+            }
+            match msg {
+                Msg::Start(_) => return Err(ApiError::InvalidArgument("start sent twice".into())),
+                Msg::File(f) => {
+                    if let Some(done) = current.take() {
+                        files.push(
+                            self.finish_file(rid, &dek, &model, &version_id, done)
+                                .await?,
+                        );
+                    }
+                    validate_path(&f.path).map_err(|e| {
+                        ApiError::InvalidArgument(format!("file path {:?}: {e}", f.path))
+                    })?;
+                    if !paths.insert(f.path.clone()) {
+                        return Err(ApiError::InvalidArgument(format!(
+                            "file {:?} sent twice",
+                            f.path
+                        )));
+                    }
+                    let header = Header::new(chunk_size, f.size).map_err(|e| {
+                        ApiError::InvalidArgument(format!("file {:?}: {e}", f.path))
+                    })?;
+                    let ctx = FileContext {
+                        model: &model,
+                        version_id: &version_id,
+                        path: &f.path,
+                    };
+                    let sealer = FileSealer::new(&dek, &ctx, &header);
+                    current = Some(FileInProgress {
+                        path: f.path,
+                        header,
+                        sealer: Some(sealer),
+                        buf: Vec::with_capacity(chunk_size as usize + TAG_LEN),
+                        received: 0,
+                        sha256: digest::Context::new(&digest::SHA256),
+                    });
+                }
+                Msg::Data(data) => {
+                    let Some(file) = current.as_mut() else {
+                        return Err(ApiError::InvalidArgument("data before a file start".into()));
+                    };
+                    self.take_data(rid, &version_id, file, &data).await?;
+                }
+                Msg::Finish(_) => finished = true,
+            }
+        }
+        if !finished {
+            return Err(ApiError::InvalidArgument(
+                "upload ended without finish".into(),
+            ));
+        }
+        if let Some(done) = current.take() {
+            files.push(
+                self.finish_file(rid, &dek, &model, &version_id, done)
+                    .await?,
+            );
+        }
+        if files.is_empty() {
+            return Err(ApiError::InvalidArgument(
+                "a model version needs at least one file".into(),
+            ));
+        }
+        drop(dek);
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        let total_bytes: u64 = files.iter().map(|f| f.size).sum();
+        let file_count = files.len();
+        v.blobs
+            .sync_prefix(&version_prefix(&version_id))
+            .await
+            .map_err(|e| internal(rid, "syncing blobs", e))?;
+
+        // The version number is fixed at commit; if another push took it meanwhile, sign anew.
+        let mut attempts = 0;
+        let version = loop {
+            attempts += 1;
+            let number = v
+                .store
+                .next_version(&model)
+                .await
+                .map_err(|e| internal(rid, "next version", e))?;
+            let created_ms = v.now();
+            let manifest = Manifest {
+                format: MANIFEST_FORMAT.to_string(),
+                model: model.clone(),
+                version: number,
+                version_id,
+                chunk_size,
+                created_ms,
+                files: files.clone(),
+            };
+            let bytes = manifest.to_bytes();
+            let sig = sign_manifest(v.keys.signing_key(), &bytes)
+                .map_err(|e| internal(rid, "signing manifest", e))?;
+            let rec = VersionRecord {
+                model: model.clone(),
+                version: number,
+                version_id,
+                kek_version,
+                wrapped_dek: wrapped_dek.clone(),
+                manifest: bytes,
+                manifest_sig: sig.to_vec(),
+                total_bytes,
+                created_ms,
+            };
+            match v.store.commit_version(&rec).await {
+                Ok(()) => break number,
+                Err(StoreError::Conflict(_)) if attempts < 8 => continue,
+                Err(e) => return Err(internal(rid, "committing version", e)),
+            }
+        };
+        guard.armed = false;
+        let mut entry = v.entry(Action::Push, Decision::Allow, actor);
+        entry.model = Some(model.clone());
+        entry.version = Some(version);
+        entry.bytes = Some(total_bytes);
+        entry.reason = Some(format!(
+            "{file_count} files; version id {}",
+            hex::encode(version_id)
+        ));
+        v.record(rid, entry).await?;
+        Ok(PushModelResponse {
+            model,
+            version,
+            total_bytes,
+            files: u32::try_from(file_count).unwrap_or(u32::MAX),
+        })
+    }
+
+    /// Adds plaintext to the current file, sealing and storing each full chunk.
+    async fn take_data(
+        &self,
+        rid: &str,
+        version_id: &[u8; 16],
+        file: &mut FileInProgress,
+        mut data: &[u8],
+    ) -> Result<(), ApiError> {
+        let size = file.header.plaintext_len();
+        if file.received + data.len() as u64 > size {
+            return Err(ApiError::InvalidArgument(format!(
+                "file {:?} has more bytes than its declared size {size}",
+                file.path
+            )));
+        }
+        file.received += data.len() as u64;
+        file.sha256.update(data);
+        while !data.is_empty() {
+            let sealer = file.sealer.as_ref().expect("sealer present until finish");
+            let want = file
+                .header
+                .chunk_plain_len(sealer.next_index())
+                .expect("index in range");
+            let take = (want - file.buf.len()).min(data.len());
+            file.buf.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if file.buf.len() == want && !sealer.is_last_next() {
+                let sealer = file.sealer.as_mut().expect("sealer");
+                let index = sealer.seal_next(&mut file.buf);
+                self.store_chunk(rid, version_id, &file.path, index, &mut file.buf)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn store_chunk(
+        &self,
+        rid: &str,
+        version_id: &[u8; 16],
+        path: &str,
+        index: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), ApiError> {
+        let chunk = Bytes::from(std::mem::replace(buf, Vec::with_capacity(buf.capacity())));
+        self.vault
+            .blobs
+            .put(&chunk_key(version_id, path, index), chunk)
+            .await
+            .map_err(|e| internal(rid, "storing chunk", e))
+    }
+
+    async fn finish_file(
+        &self,
+        rid: &str,
+        _dek: &Dek,
+        _model: &str,
+        version_id: &[u8; 16],
+        mut file: FileInProgress,
+    ) -> Result<ManifestFile, ApiError> {
+        let size = file.header.plaintext_len();
+        if file.received != size {
+            return Err(ApiError::InvalidArgument(format!(
+                "file {:?} ended after {} of its declared {size} bytes",
+                file.path, file.received
+            )));
+        }
+        let sealer = file.sealer.take().expect("sealer");
+        let index = sealer.finish(&mut file.buf);
+        self.store_chunk(rid, version_id, &file.path, index, &mut file.buf)
+            .await?;
+        let mut sha256 = [0u8; 32];
+        sha256.copy_from_slice(file.sha256.finish().as_ref());
+        Ok(ManifestFile {
+            path: file.path,
+            size,
+            chunks: file.header.chunk_count(),
+            sha256,
+            header: file.header.encode(),
+        })
+    }
+
+    async fn get_model(&self, rid: &str, name: &str) -> Result<GetModelResponse, ApiError> {
+        check_model_name(name)?;
+        let versions = self
+            .vault
+            .store
+            .versions(name)
+            .await
+            .map_err(|e| internal(rid, "listing versions", e))?;
+        if versions.is_empty() {
+            return Err(ApiError::NotFound(format!("model {name} not found")));
+        }
+        let mut out = Vec::with_capacity(versions.len());
+        for ver in versions {
+            let manifest = Manifest::from_bytes(&ver.manifest)
+                .map_err(|e| internal(rid, "stored manifest", e))?;
+            out.push(VersionInfo {
+                version: ver.version,
+                created_ms: ver.created_ms,
+                total_bytes: ver.total_bytes,
+                kek_version: ver.kek_version,
+                files: manifest
+                    .files
+                    .into_iter()
+                    .map(|f| FileInfo {
+                        path: f.path,
+                        size: f.size,
+                        chunks: f.chunks,
+                        sha256: hex::encode(f.sha256),
+                    })
+                    .collect(),
+            });
+        }
+        Ok(GetModelResponse {
+            name: name.to_string(),
+            versions: out,
+        })
+    }
+
+    async fn allow(
+        &self,
+        rid: &str,
+        actor: Actor,
+        req: AllowAccessRequest,
+    ) -> Result<AllowAccessResponse, ApiError> {
+        let v = &self.vault;
+        check_model_name(&req.model)?;
+        let tee: TeeKind = req.tee.parse().map_err(|_| {
+            ApiError::InvalidArgument(format!(
+                "unknown tee {:?}; known: sim",
+                req.tee.chars().take(32).collect::<String>()
+            ))
+        })?;
+        let m = &req.measurement;
+        if m.is_empty()
+            || m.len() > 128
+            || m.len() % 2 != 0
+            || !m
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(ApiError::InvalidArgument(
+                "measurement must be 1 to 64 bytes of lowercase hex".into(),
+            ));
+        }
+        if v.store
+            .get_version(&req.model, None)
+            .await
+            .map_err(|e| internal(rid, "loading model", e))?
+            .is_none()
+        {
+            return Err(ApiError::NotFound(format!(
+                "model {} not found; push it first",
+                req.model
+            )));
+        }
+        let rule = AccessRule {
+            model: req.model.clone(),
+            tee: tee.to_string(),
+            measurement: m.clone(),
+            created_ms: v.now(),
+        };
+        let created = v
+            .store
+            .add_rule(&rule)
+            .await
+            .map_err(|e| internal(rid, "storing rule", e))?;
+        let mut entry = v.entry(Action::AccessAllow, Decision::Allow, actor);
+        entry.model = Some(rule.model);
+        entry.tee = Some(rule.tee);
+        entry.measurement = Some(rule.measurement);
+        entry.simulated = (tee == TeeKind::Sim).then_some(true);
+        entry.reason = Some(
+            if created {
+                "rule added"
+            } else {
+                "rule already present"
+            }
+            .into(),
+        );
+        v.record(rid, entry).await?;
+        Ok(AllowAccessResponse { created })
+    }
+}
+
+#[tonic::async_trait]
+impl AdminService for AdminApi {
+    async fn push_model(
+        &self,
+        req: Request<Streaming<PushModelRequest>>,
+    ) -> Result<Response<PushModelResponse>, Status> {
+        let rid = request_id();
+        let actor = self
+            .vault
+            .roles
+            .require(&req, Role::Admin)
+            .map_err(|e| e.into_status(&rid))?;
+        self.push(&rid, actor, req.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| e.into_status(&rid))
+    }
+
+    async fn list_models(
+        &self,
+        req: Request<ListModelsRequest>,
+    ) -> Result<Response<ListModelsResponse>, Status> {
+        let rid = request_id();
+        self.vault
+            .roles
+            .require(&req, Role::Admin)
+            .map_err(|e| e.into_status(&rid))?;
+        let models = self
+            .vault
+            .store
+            .list_models()
+            .await
+            .map_err(|e| internal(&rid, "listing models", e).into_status(&rid))?;
+        Ok(Response::new(ListModelsResponse {
+            models: models
+                .into_iter()
+                .map(|m| PbSummary {
+                    name: m.name,
+                    latest_version: m.latest_version,
+                    versions: m.versions,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn get_model(
+        &self,
+        req: Request<GetModelRequest>,
+    ) -> Result<Response<GetModelResponse>, Status> {
+        let rid = request_id();
+        self.vault
+            .roles
+            .require(&req, Role::Admin)
+            .map_err(|e| e.into_status(&rid))?;
+        self.get_model(&rid, &req.get_ref().name)
+            .await
+            .map(Response::new)
+            .map_err(|e| e.into_status(&rid))
+    }
+
+    async fn allow_access(
+        &self,
+        req: Request<AllowAccessRequest>,
+    ) -> Result<Response<AllowAccessResponse>, Status> {
+        let rid = request_id();
+        let actor = self
+            .vault
+            .roles
+            .require(&req, Role::Admin)
+            .map_err(|e| e.into_status(&rid))?;
+        self.allow(&rid, actor, req.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| e.into_status(&rid))
+    }
+
+    async fn list_access(
+        &self,
+        req: Request<ListAccessRequest>,
+    ) -> Result<Response<ListAccessResponse>, Status> {
+        let rid = request_id();
+        self.vault
+            .roles
+            .require(&req, Role::Admin)
+            .map_err(|e| e.into_status(&rid))?;
+        let model = &req.get_ref().model;
+        let rules = self
+            .vault
+            .store
+            .rules((!model.is_empty()).then_some(model.as_str()))
+            .await
+            .map_err(|e| internal(&rid, "listing rules", e).into_status(&rid))?;
+        Ok(Response::new(ListAccessResponse {
+            rules: rules
+                .into_iter()
+                .map(|r| PbRule {
+                    model: r.model,
+                    tee: r.tee,
+                    measurement: r.measurement,
+                    created_ms: r.created_ms,
+                })
+                .collect(),
+        }))
+    }
+}

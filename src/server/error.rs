@@ -1,0 +1,67 @@
+//! The one mapping from internal outcomes to what a client sees: a stable gRPC code, a short
+//! reason and the request id. Inner errors and key material never reach the client; the detail
+//! goes to the server log under the same request id.
+
+use tonic::{Code, Status};
+
+/// Metadata key carrying the request id on every response.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// A client-facing failure. The strings are short reasons written by this crate, never
+/// `Display` of an inner error.
+#[derive(Debug)]
+pub enum ApiError {
+    Unauthenticated(String),
+    PermissionDenied(String),
+    InvalidArgument(String),
+    NotFound(String),
+    OutOfRange(String),
+    /// The audit log cannot write: the vault refuses access (fail closed).
+    AuditUnavailable,
+    /// Something failed inside the vault; the detail was logged.
+    Internal,
+}
+
+impl ApiError {
+    pub fn code(&self) -> Code {
+        match self {
+            ApiError::Unauthenticated(_) => Code::Unauthenticated,
+            ApiError::PermissionDenied(_) => Code::PermissionDenied,
+            ApiError::InvalidArgument(_) => Code::InvalidArgument,
+            ApiError::NotFound(_) => Code::NotFound,
+            ApiError::OutOfRange(_) => Code::OutOfRange,
+            ApiError::AuditUnavailable => Code::Unavailable,
+            ApiError::Internal => Code::Internal,
+        }
+    }
+
+    pub fn reason(&self) -> &str {
+        match self {
+            ApiError::Unauthenticated(r)
+            | ApiError::PermissionDenied(r)
+            | ApiError::InvalidArgument(r)
+            | ApiError::NotFound(r)
+            | ApiError::OutOfRange(r) => r,
+            ApiError::AuditUnavailable => "audit log unavailable; access refused",
+            ApiError::Internal => "internal error",
+        }
+    }
+
+    /// The status sent to the client, tagged with the request id.
+    pub fn into_status(self, request_id: &str) -> Status {
+        let mut status = Status::new(
+            self.code(),
+            format!("{} (request {request_id})", self.reason()),
+        );
+        if let Ok(v) = request_id.parse() {
+            status.metadata_mut().insert(REQUEST_ID_HEADER, v);
+        }
+        status
+    }
+}
+
+/// Logs an internal failure with its request id and returns the opaque client error.
+pub fn internal(request_id: &str, what: &str, err: impl std::fmt::Display) -> ApiError {
+    tracing::error!(request_id, error = %err, "{what}");
+    ApiError::Internal
+}

@@ -1,0 +1,329 @@
+//! The gRPC server: NodeService, AdminService and AuditService over TLS, on the embedded store.
+//! [`start`] brings a vault up from a [`Config`] and returns once it listens; shutdown is an
+//! input ([`RunningServer::shutdown`]).
+
+pub mod admin;
+pub mod audit;
+pub mod auth;
+pub mod error;
+pub mod node;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+
+use crate::attest::sim::SimVerifier;
+use crate::attest::{TeeKind, Verifier};
+use crate::audit::entry::ActorKind;
+use crate::audit::{Action, Actor, AuditEntry, Decision, Sequencer};
+use crate::config::{Config, SealConfig};
+use crate::keys::{KeyRing, seal};
+use crate::proto::v1::admin_service_server::AdminServiceServer;
+use crate::proto::v1::audit_service_server::AuditServiceServer;
+use crate::proto::v1::node_service_server::NodeServiceServer;
+use crate::store::local::LocalBlobs;
+use crate::store::sqlite::SqliteStore;
+use crate::store::{BlobStore, MetadataStore, version_prefix};
+use crate::time::SharedClock;
+
+/// HTTP/2 flow-control windows and frame size, sized for multi-MiB chunk messages
+/// (docs/performance.md): default 64 KiB windows cap a stream far below the link speed.
+pub const STREAM_WINDOW: u32 = 16 * 1024 * 1024;
+pub const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
+pub const MAX_FRAME: u32 = 16 * 1024 * 1024 - 1;
+/// Largest gRPC message either side accepts: a 64 MiB chunk plus framing.
+pub const MAX_MESSAGE: usize = 64 * 1024 * 1024 + 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("opening the store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("unlocking keys: {0}")]
+    Keys(#[from] crate::keys::KeyError),
+    #[error("audit log: {0}")]
+    Audit(#[from] crate::audit::AuditError),
+    #[error("TLS material: {0}")]
+    Tls(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Shared state of the services.
+pub struct Vault {
+    pub store: Arc<dyn MetadataStore>,
+    pub blobs: Arc<dyn BlobStore>,
+    pub keys: KeyRing,
+    pub audit: Sequencer,
+    pub clock: SharedClock,
+    pub verifiers: HashMap<TeeKind, Box<dyn Verifier>>,
+    pub roles: auth::Roles,
+    pub grant_ttl_ms: u64,
+    pub chunk_size: u32,
+}
+
+impl Vault {
+    pub fn now(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
+    /// Appends an entry and waits for it to be durable; a failure refuses the request.
+    pub async fn record(
+        &self,
+        request_id: &str,
+        mut entry: AuditEntry,
+    ) -> Result<crate::audit::AuditDurable, error::ApiError> {
+        entry.request_id = Some(request_id.to_string());
+        self.audit.append(&entry).await.map_err(|e| {
+            tracing::error!(request_id, error = %e, "audit append failed; refusing");
+            error::ApiError::AuditUnavailable
+        })
+    }
+
+    pub fn entry(&self, action: Action, decision: Decision, actor: Actor) -> AuditEntry {
+        AuditEntry::new(self.now(), action, decision, actor)
+    }
+}
+
+/// A new request id (16 random bytes, hex).
+pub fn request_id() -> String {
+    hex::encode(crate::grant::random::<8>().unwrap_or_default())
+}
+
+/// A running vault.
+pub struct RunningServer {
+    pub local_addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), ServerError>>,
+}
+
+impl RunningServer {
+    /// Stops accepting, lets in-flight calls finish, and waits for the server to end.
+    pub async fn shutdown(self) -> Result<(), ServerError> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+
+    /// Waits for the server to end (after a shutdown signal or a fatal error).
+    pub async fn wait(self) -> Result<(), ServerError> {
+        match self.task.await {
+            Ok(r) => r,
+            Err(e) => Err(ServerError::Tls(format!("server task failed: {e}"))),
+        }
+    }
+
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+}
+
+/// Options that are inputs rather than configuration.
+pub struct StartOptions {
+    pub clock: SharedClock,
+    /// Overrides `config.listen` (for example `127.0.0.1:0` in tests).
+    pub listen: Option<SocketAddr>,
+}
+
+impl Default for StartOptions {
+    fn default() -> Self {
+        Self {
+            clock: Arc::new(crate::time::SystemClock),
+            listen: None,
+        }
+    }
+}
+
+fn read(path: &std::path::Path) -> Result<Vec<u8>, ServerError> {
+    std::fs::read(path).map_err(|e| ServerError::Tls(format!("{}: {e}", path.display())))
+}
+
+/// Opens the store, unlocks the keys, starts the audit sequencer and serves until shut down.
+pub async fn start(cfg: &Config, opts: StartOptions) -> Result<RunningServer, ServerError> {
+    // Only the aws-lc-rs provider is compiled in; installing it twice is harmless.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(
+            read(&cfg.tls.cert)?,
+            read(&cfg.tls.key)?,
+        ))
+        .client_ca_root(Certificate::from_pem(read(&cfg.tls.client_ca)?))
+        .client_auth_optional(true);
+
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(|e| ServerError::Store(crate::store::StoreError::Io(e)))?;
+    let store: Arc<dyn MetadataStore> =
+        Arc::new(SqliteStore::open(&cfg.data_dir.join("metadata.db")).await?);
+    let blobs: Arc<dyn BlobStore> = Arc::new(LocalBlobs::open(&cfg.data_dir.join("blobs"))?);
+    let root = match &cfg.seal {
+        SealConfig::File { path } => seal::load_file_root_key(path, true)?,
+    };
+    let (audit, _sequencer_task) = Sequencer::start(store.clone());
+    let clock = opts.clock;
+
+    let (keys, created) = KeyRing::open(&root, store.as_ref(), clock.now_ms()).await?;
+    drop(root);
+    if let Some(v) = created.kek_version {
+        let mut e = AuditEntry::new(
+            clock.now_ms(),
+            Action::KeyCreate,
+            Decision::Info,
+            Actor::system(),
+        );
+        e.reason = Some(format!("kek version {v} created"));
+        audit.append(&e).await?;
+    }
+    if created.signing_key {
+        let mut e = AuditEntry::new(
+            clock.now_ms(),
+            Action::KeyCreate,
+            Decision::Info,
+            Actor::system(),
+        );
+        e.reason = Some(format!(
+            "vault signing key created: ed25519 {}",
+            hex::encode(keys.signing_public_key())
+        ));
+        audit.append(&e).await?;
+    }
+
+    // Uploads a crash interrupted never became visible; collect their blobs.
+    for id in store.pending_uploads().await? {
+        blobs.delete_prefix(&version_prefix(&id)).await?;
+        store.end_upload(&id).await?;
+        tracing::info!(upload = %hex::encode(id), "removed an interrupted upload");
+    }
+
+    let mut verifiers: HashMap<TeeKind, Box<dyn Verifier>> = HashMap::new();
+    let sim_enabled = cfg.attest.sim.enabled;
+    if sim_enabled {
+        tracing::warn!(
+            simulated = true,
+            "the simulated TEE (sim) is enabled: its evidence is not hardware-backed"
+        );
+        verifiers.insert(
+            TeeKind::Sim,
+            Box::new(SimVerifier::new(
+                cfg.sim_trusted_keys(),
+                cfg.attest.sim.max_evidence_age_secs.saturating_mul(1000),
+            )),
+        );
+    }
+
+    let mut start_entry = AuditEntry::new(
+        clock.now_ms(),
+        Action::ServerStart,
+        Decision::Info,
+        Actor::system(),
+    );
+    let mut tees: Vec<&str> = verifiers.keys().map(|t| t.as_str()).collect();
+    tees.sort_unstable();
+    start_entry.reason = Some(format!(
+        "weightvault {} serving; tees: [{}]",
+        env!("CARGO_PKG_VERSION"),
+        tees.join(",")
+    ));
+    if sim_enabled {
+        start_entry.simulated = Some(true);
+    }
+    audit.append(&start_entry).await?;
+
+    let vault = Arc::new(Vault {
+        store,
+        blobs,
+        keys,
+        audit,
+        clock,
+        verifiers,
+        roles: auth::Roles::from_config(&cfg.roles),
+        grant_ttl_ms: cfg.grants.ttl_secs.saturating_mul(1000),
+        chunk_size: cfg.storage.chunk_size,
+    });
+
+    let addr = opts.listen.unwrap_or(cfg.listen);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr, source })?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|source| ServerError::Bind { addr, source })?;
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+
+    let shutdown = CancellationToken::new();
+    let purge = spawn_purger(vault.clone(), shutdown.clone());
+    let router = tonic::transport::Server::builder()
+        .tls_config(tls)?
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .add_service(
+            NodeServiceServer::new(node::NodeApi::new(vault.clone()))
+                .max_encoding_message_size(MAX_MESSAGE),
+        )
+        .add_service(
+            AdminServiceServer::new(admin::AdminApi::new(vault.clone()))
+                .max_decoding_message_size(MAX_MESSAGE),
+        )
+        .add_service(AuditServiceServer::new(audit::AuditApi::new(vault.clone())));
+    let token = shutdown.clone();
+    let task = tokio::spawn(async move {
+        let r = router
+            .serve_with_incoming_shutdown(incoming, token.cancelled_owned())
+            .await;
+        purge.abort();
+        r.map_err(ServerError::from)
+    });
+    tracing::info!(%local_addr, "weightvault listening");
+    Ok(RunningServer {
+        local_addr,
+        shutdown,
+        task,
+    })
+}
+
+/// Deletes expired challenges and sessions every 30 seconds.
+fn spawn_purger(vault: Arc<Vault>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+            }
+            if let Err(e) = vault.store.purge_expired(vault.now()).await {
+                tracing::warn!(error = %e, "purging expired challenges failed");
+            }
+        }
+    })
+}
+
+/// An audit actor for a node, by the hash of its session token.
+pub fn node_actor(token_sha256: &[u8; 32]) -> Actor {
+    Actor::new(ActorKind::Node, hex::encode(token_sha256))
+}
+
+/// Model names: 1 to 128 characters of `[A-Za-z0-9._-]`, not starting with `.` or `-`.
+pub fn check_model_name(name: &str) -> Result<(), error::ApiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with(['.', '-'])
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(error::ApiError::InvalidArgument(
+            "model name must be 1-128 characters of [A-Za-z0-9._-], not starting with . or -"
+                .into(),
+        ))
+    }
+}

@@ -1,0 +1,531 @@
+//! NodeService: GetChallenge → Attest → RequestGrant → FetchWeights (DESIGN.md "Node boot
+//! protocol"). Every decision is on the record before the response that depends on it leaves.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use subtle::ConstantTimeEq;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::error::{ApiError, internal};
+use super::{Vault, check_model_name, node_actor, request_id};
+use crate::attest::{self, AttestError, NODE_KEY_LEN, NONCE_LEN, TeeKind};
+use crate::audit::entry::ActorKind;
+use crate::audit::{Action, Actor, Decision};
+use crate::envelope::manifest::Manifest;
+use crate::grant::{self, AttestedSession, CHALLENGE_TTL_MS, SESSION_TTL_MS, token_sha256};
+use crate::proto::v1::node_service_server::NodeService;
+use crate::proto::v1::{
+    AttestRequest, AttestResponse, FetchWeightsRequest, GetChallengeRequest, GetChallengeResponse,
+    RequestGrantRequest, RequestGrantResponse, WeightChunk,
+};
+use crate::store::{GrantRecord, SessionRecord, chunk_key};
+
+pub struct NodeApi {
+    vault: Arc<Vault>,
+}
+
+impl NodeApi {
+    pub fn new(vault: Arc<Vault>) -> Self {
+        Self { vault }
+    }
+}
+
+fn anonymous() -> Actor {
+    Actor {
+        kind: ActorKind::Anonymous,
+        id: None,
+    }
+}
+
+fn fixed<const N: usize>(bytes: &[u8], what: &str) -> Result<[u8; N], ApiError> {
+    bytes
+        .try_into()
+        .map_err(|_| ApiError::InvalidArgument(format!("{what} must be {N} bytes")))
+}
+
+impl NodeApi {
+    async fn get_challenge(&self, rid: &str) -> Result<GetChallengeResponse, ApiError> {
+        let v = &self.vault;
+        let nonce = grant::random::<NONCE_LEN>().map_err(|e| internal(rid, "rng", e))?;
+        let expires = v.now() + CHALLENGE_TTL_MS;
+        v.store
+            .put_challenge(&nonce, expires)
+            .await
+            .map_err(|e| internal(rid, "storing challenge", e))?;
+        v.record(rid, v.entry(Action::Challenge, Decision::Info, anonymous()))
+            .await?;
+        Ok(GetChallengeResponse {
+            nonce: nonce.to_vec(),
+            expires_at_ms: expires,
+        })
+    }
+
+    async fn attest(&self, rid: &str, req: AttestRequest) -> Result<AttestResponse, ApiError> {
+        let v = &self.vault;
+        let mut deny = v.entry(Action::Attest, Decision::Deny, anonymous());
+        deny.tee = Some(req.tee.chars().take(32).collect());
+        let refuse = |mut entry: crate::audit::AuditEntry, detail: String, err: ApiError| async move {
+            entry.reason = Some(detail);
+            v.record(rid, entry).await?;
+            Err::<AttestResponse, ApiError>(err)
+        };
+
+        let tee: TeeKind = match req.tee.parse() {
+            Ok(t) => t,
+            Err(e) => {
+                return refuse(
+                    deny,
+                    format!("{e}"),
+                    ApiError::InvalidArgument(format!(
+                        "attestation rejected: {}",
+                        AttestError::short_reason(&e)
+                    )),
+                )
+                .await;
+            }
+        };
+        let (nonce, node_key) = match (
+            fixed::<NONCE_LEN>(&req.nonce, "nonce"),
+            fixed::<NODE_KEY_LEN>(&req.node_public_key, "node_public_key"),
+        ) {
+            (Ok(n), Ok(k)) => (n, k),
+            (Err(e), _) | (_, Err(e)) => {
+                return refuse(deny, e.reason().to_string(), e).await;
+            }
+        };
+        // Single use (DESIGN.md step 1): the nonce is consumed by any attempt, good or bad.
+        let expires = v
+            .store
+            .take_challenge(&nonce)
+            .await
+            .map_err(|e| internal(rid, "taking challenge", e))?;
+        let now = v.now();
+        match expires {
+            None => {
+                return refuse(
+                    deny,
+                    "unknown or already used nonce".into(),
+                    ApiError::PermissionDenied(
+                        "attestation rejected: unknown or already used nonce".into(),
+                    ),
+                )
+                .await;
+            }
+            Some(exp) if now >= exp => {
+                return refuse(
+                    deny,
+                    "nonce expired".into(),
+                    ApiError::PermissionDenied("attestation rejected: nonce expired".into()),
+                )
+                .await;
+            }
+            Some(_) => {}
+        }
+        let Some(verifier) = v.verifiers.get(&tee) else {
+            let e = AttestError::Disabled(tee);
+            return refuse(
+                deny,
+                e.to_string(),
+                ApiError::PermissionDenied(format!("attestation rejected: {}", e.short_reason())),
+            )
+            .await;
+        };
+        let expected = attest::report_data(&nonce, &node_key);
+        let verified = match verifier.verify(&req.evidence, &expected, now) {
+            Ok(ok) => ok,
+            Err(e) => {
+                tracing::info!(request_id = rid, tee = %tee, reason = %e, simulated = (tee == TeeKind::Sim), "attestation rejected");
+                deny.simulated = (tee == TeeKind::Sim).then_some(true);
+                deny.evidence_sha256 = Some(hex::encode(token_sha256(&req.evidence)));
+                let client = format!("attestation rejected: {}", e.short_reason());
+                let err = match e {
+                    AttestError::Malformed(_) => ApiError::InvalidArgument(client),
+                    _ => ApiError::PermissionDenied(client),
+                };
+                return refuse(deny, e.to_string(), err).await;
+            }
+        };
+        let claims = verified.claims().clone();
+        let evidence_sha256 = *verified.evidence_sha256();
+        v.store
+            .put_evidence(&evidence_sha256, &req.evidence)
+            .await
+            .map_err(|e| internal(rid, "storing evidence", e))?;
+        let token = grant::random::<32>().map_err(|e| internal(rid, "rng", e))?;
+        let token_hash = token_sha256(&token);
+        let session = AttestedSession::from_verified(verified, node_key, token_hash);
+        let expires_ms = now + SESSION_TTL_MS;
+        v.store
+            .put_session(&SessionRecord {
+                token_sha256: token_hash,
+                claims_json: claims.to_json(),
+                node_public_key: node_key,
+                evidence_sha256,
+                created_ms: now,
+                expires_ms,
+            })
+            .await
+            .map_err(|e| internal(rid, "storing session", e))?;
+        let mut ok = v.entry(
+            Action::Attest,
+            Decision::Allow,
+            node_actor(session.token_sha256()),
+        );
+        ok.tee = Some(tee.to_string());
+        ok.simulated = claims.simulated.then_some(true);
+        ok.measurement = Some(claims.measurement.clone());
+        ok.evidence_sha256 = Some(hex::encode(evidence_sha256));
+        ok.reason = Some(format!("instance {}", claims.instance_id));
+        v.record(rid, ok).await?;
+        tracing::info!(request_id = rid, tee = %tee, measurement = %claims.measurement, simulated = claims.simulated, "attestation accepted");
+        Ok(AttestResponse {
+            session_token: token.to_vec(),
+            expires_at_ms: expires_ms,
+            claims_json: claims.to_json(),
+        })
+    }
+
+    /// The live session a bearer token names.
+    async fn session(&self, rid: &str, token: &[u8]) -> Result<AttestedSession, ApiError> {
+        let v = &self.vault;
+        let rec = v
+            .store
+            .get_session(&token_sha256(token))
+            .await
+            .map_err(|e| internal(rid, "loading session", e))?;
+        let expired = || ApiError::Unauthenticated("unknown or expired attestation session".into());
+        let rec = rec.ok_or_else(expired)?;
+        AttestedSession::from_record(&rec, v.now())
+            .map_err(|e| internal(rid, "loading session", e))?
+            .ok_or_else(expired)
+    }
+
+    async fn request_grant(
+        &self,
+        rid: &str,
+        req: RequestGrantRequest,
+    ) -> Result<RequestGrantResponse, ApiError> {
+        let v = &self.vault;
+        let session = match self.session(rid, &req.session_token).await {
+            Ok(s) => s,
+            Err(e) => {
+                let mut deny = v.entry(Action::Grant, Decision::Deny, anonymous());
+                deny.model = Some(req.model.chars().take(128).collect());
+                deny.reason = Some(e.reason().to_string());
+                v.record(rid, deny).await?;
+                return Err(e);
+            }
+        };
+        let claims = session.claims().clone();
+        let mut entry = v.entry(
+            Action::Grant,
+            Decision::Deny,
+            node_actor(session.token_sha256()),
+        );
+        entry.model = Some(req.model.chars().take(128).collect());
+        entry.version = (req.version != 0).then_some(req.version);
+        entry.tee = Some(claims.tee.to_string());
+        entry.simulated = claims.simulated.then_some(true);
+        entry.measurement = Some(claims.measurement.clone());
+
+        let found = match check_model_name(&req.model) {
+            Ok(()) => v
+                .store
+                .get_version(&req.model, (req.version != 0).then_some(req.version))
+                .await
+                .map_err(|e| internal(rid, "loading version", e))?
+                .ok_or_else(|| {
+                    ApiError::NotFound(if req.version == 0 {
+                        format!("model {} not found", req.model)
+                    } else {
+                        format!("model {} version {} not found", req.model, req.version)
+                    })
+                }),
+            Err(e) => Err(e),
+        };
+        let version = match found {
+            Ok(ver) => ver,
+            Err(e) => {
+                entry.reason = Some(e.reason().to_string());
+                v.record(rid, entry).await?;
+                return Err(e);
+            }
+        };
+        entry.version = Some(version.version);
+        let rules = v
+            .store
+            .rules(Some(&req.model))
+            .await
+            .map_err(|e| internal(rid, "loading rules", e))?;
+        let now = v.now();
+        let approval = match grant::decide(
+            &session,
+            &req.model,
+            version.version,
+            &rules,
+            now,
+            v.grant_ttl_ms,
+        ) {
+            Ok(a) => a,
+            Err(denied) => {
+                entry.reason = Some(denied.to_string());
+                v.record(rid, entry).await?;
+                return Err(ApiError::PermissionDenied(format!(
+                    "access denied: {denied}"
+                )));
+            }
+        };
+        entry.decision = Decision::Allow;
+        entry.grant_id = Some(approval.grant_id().to_string());
+        entry.reason = Some(format!(
+            "rule {}/{}/{}; not_after_ms {}",
+            approval.rule().model,
+            approval.rule().tee,
+            approval.rule().measurement,
+            approval.not_after_ms()
+        ));
+        // Log before release: the grant exists for the node only once this entry is durable.
+        let durable = v.record(rid, entry).await?;
+        let dek = v
+            .keys
+            .unwrap_dek(
+                version.kek_version,
+                &version.wrapped_dek,
+                &version.model,
+                &version.version_id,
+            )
+            .map_err(|e| internal(rid, "unwrapping DEK", e))?;
+        let minted = grant::mint(session, approval, durable, &dek, now)
+            .map_err(|e| internal(rid, "minting grant", e))?;
+        drop(dek);
+        v.store
+            .put_grant(&minted.record)
+            .await
+            .map_err(|e| internal(rid, "storing grant", e))?;
+        Ok(RequestGrantResponse {
+            grant_id: minted.record.grant_id.clone(),
+            version: version.version,
+            not_after_ms: minted.record.not_after_ms,
+            manifest: version.manifest,
+            manifest_signature: version.manifest_sig,
+            manifest_public_key: v.keys.signing_public_key().to_vec(),
+            sealed_dek_enc: minted.sealed.enc,
+            sealed_dek: minted.sealed.ciphertext,
+            hpke_info: minted.info,
+        })
+    }
+
+    /// Checks a grant for the caller; returns it and the manifest of its version.
+    async fn usable_grant(
+        &self,
+        rid: &str,
+        token: &[u8],
+        grant_id: &str,
+    ) -> Result<GrantRecord, ApiError> {
+        let v = &self.vault;
+        let grant = v
+            .store
+            .get_grant(grant_id)
+            .await
+            .map_err(|e| internal(rid, "loading grant", e))?
+            .ok_or_else(|| ApiError::NotFound("unknown grant".into()))?;
+        if !bool::from(token_sha256(token).ct_eq(&grant.session_sha256)) {
+            return Err(ApiError::PermissionDenied(
+                "grant was issued to another session".into(),
+            ));
+        }
+        check_live(&grant, v.now())?;
+        Ok(grant)
+    }
+
+    async fn fetch(
+        &self,
+        rid: &str,
+        req: FetchWeightsRequest,
+    ) -> Result<mpsc::Receiver<Result<WeightChunk, Status>>, ApiError> {
+        let v = &self.vault;
+        let mut entry = v.entry(
+            Action::FetchStart,
+            Decision::Deny,
+            node_actor(&token_sha256(&req.session_token)),
+        );
+        entry.grant_id = Some(req.grant_id.chars().take(64).collect());
+        entry.file = Some(req.file.chars().take(256).collect());
+        let checked = async {
+            let grant = self
+                .usable_grant(rid, &req.session_token, &req.grant_id)
+                .await?;
+            let version = v
+                .store
+                .get_version(&grant.model, Some(grant.version))
+                .await
+                .map_err(|e| internal(rid, "loading version", e))?
+                .ok_or_else(|| ApiError::NotFound("model version no longer exists".into()))?;
+            let manifest = Manifest::from_bytes(&version.manifest)
+                .map_err(|e| internal(rid, "stored manifest", e))?;
+            let file = manifest
+                .files
+                .iter()
+                .find(|f| f.path == req.file)
+                .ok_or_else(|| {
+                    ApiError::NotFound(format!("file {:?} is not in the manifest", req.file))
+                })?
+                .clone();
+            let end = if req.end_chunk == 0 {
+                file.chunks
+            } else {
+                req.end_chunk
+            };
+            if req.first_chunk >= end || end > file.chunks {
+                return Err(ApiError::OutOfRange(format!(
+                    "chunk range {}..{} is outside 0..{}",
+                    req.first_chunk, end, file.chunks
+                )));
+            }
+            Ok((grant, version.version_id, file, end))
+        }
+        .await;
+        let (grant, version_id, file, end) = match checked {
+            Ok(x) => x,
+            Err(e) => {
+                entry.reason = Some(e.reason().to_string());
+                v.record(rid, entry).await?;
+                return Err(e);
+            }
+        };
+        entry.decision = Decision::Allow;
+        entry.model = Some(grant.model.clone());
+        entry.version = Some(grant.version);
+        entry.reason = Some(format!("chunks {}..{}", req.first_chunk, end));
+        v.record(rid, entry).await?;
+
+        // Two chunks in flight at most: memory stays bounded whatever the model size.
+        let (tx, rx) = mpsc::channel(2);
+        let vault = v.clone();
+        let rid = rid.to_string();
+        let token_hash = token_sha256(&req.session_token);
+        tokio::spawn(async move {
+            let mut sent: u64 = 0;
+            let mut outcome = "complete".to_string();
+            for index in req.first_chunk..end {
+                // Validity is checked per chunk, so expiry stops a stream within one chunk.
+                let live = match vault.store.get_grant(&grant.grant_id).await {
+                    Ok(Some(g)) => check_live(&g, vault.now()),
+                    Ok(None) => Err(ApiError::PermissionDenied("grant no longer exists".into())),
+                    Err(e) => Err(internal(&rid, "loading grant", e)),
+                };
+                if let Err(e) = live {
+                    outcome = e.reason().to_string();
+                    let _ = tx.send(Err(e.into_status(&rid))).await;
+                    break;
+                }
+                let data = match vault
+                    .blobs
+                    .get(&chunk_key(&version_id, &file.path, index))
+                    .await
+                {
+                    Ok(d) => d,
+                    Err(e) => {
+                        outcome = "chunk unreadable".into();
+                        let _ = tx
+                            .send(Err(internal(&rid, "reading chunk", e).into_status(&rid)))
+                            .await;
+                        break;
+                    }
+                };
+                let len = data.len() as u64;
+                if tx
+                    .send(Ok(WeightChunk {
+                        index,
+                        ciphertext: data,
+                    }))
+                    .await
+                    .is_err()
+                {
+                    outcome = "client went away".into();
+                    break;
+                }
+                sent += len;
+            }
+            if let Err(e) = vault.store.add_grant_bytes(&grant.grant_id, sent).await {
+                tracing::error!(request_id = rid, error = %e, "recording bytes served");
+            }
+            let mut end_entry =
+                vault.entry(Action::FetchEnd, Decision::Info, node_actor(&token_hash));
+            end_entry.model = Some(grant.model.clone());
+            end_entry.version = Some(grant.version);
+            end_entry.grant_id = Some(grant.grant_id.clone());
+            end_entry.file = Some(file.path.clone());
+            end_entry.bytes = Some(sent);
+            end_entry.reason = Some(outcome);
+            let _ = vault.record(&rid, end_entry).await;
+        });
+        Ok(rx)
+    }
+}
+
+fn check_live(grant: &GrantRecord, now: u64) -> Result<(), ApiError> {
+    if grant.revoked {
+        return Err(ApiError::PermissionDenied("grant revoked".into()));
+    }
+    if now >= grant.not_after_ms {
+        return Err(ApiError::PermissionDenied("grant expired".into()));
+    }
+    Ok(())
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<WeightChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl NodeService for NodeApi {
+    async fn get_challenge(
+        &self,
+        _req: Request<GetChallengeRequest>,
+    ) -> Result<Response<GetChallengeResponse>, Status> {
+        let rid = request_id();
+        self.get_challenge(&rid)
+            .await
+            .map(Response::new)
+            .map_err(|e| e.into_status(&rid))
+    }
+
+    async fn attest(
+        &self,
+        req: Request<AttestRequest>,
+    ) -> Result<Response<AttestResponse>, Status> {
+        let rid = request_id();
+        self.attest(&rid, req.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| e.into_status(&rid))
+    }
+
+    async fn request_grant(
+        &self,
+        req: Request<RequestGrantRequest>,
+    ) -> Result<Response<RequestGrantResponse>, Status> {
+        let rid = request_id();
+        self.request_grant(&rid, req.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| e.into_status(&rid))
+    }
+
+    type FetchWeightsStream = ChunkStream;
+
+    async fn fetch_weights(
+        &self,
+        req: Request<FetchWeightsRequest>,
+    ) -> Result<Response<Self::FetchWeightsStream>, Status> {
+        let rid = request_id();
+        let rx = self
+            .fetch(&rid, req.into_inner())
+            .await
+            .map_err(|e| e.into_status(&rid))?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

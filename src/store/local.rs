@@ -1,0 +1,151 @@
+//! Embedded blob backend: one file per object under `<data_dir>/blobs`. An object is written to
+//! a temporary name, fsynced and renamed, so a reader sees either nothing or the whole object.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::{BlobStore, StoreError};
+
+pub struct LocalBlobs {
+    root: PathBuf,
+}
+
+impl LocalBlobs {
+    pub fn open(root: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(root)?;
+        Ok(Self {
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// Maps a key to a path, refusing anything but `[a-z0-9_-]` segments (no traversal).
+    fn path(&self, key: &str) -> Result<PathBuf, StoreError> {
+        let valid = !key.is_empty()
+            && key.split('/').all(|seg| {
+                !seg.is_empty()
+                    && seg.bytes().all(|b| {
+                        b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-'
+                    })
+            });
+        if !valid {
+            return Err(StoreError::Corrupt(format!("invalid blob key {key:?}")));
+        }
+        Ok(self.root.join(key))
+    }
+}
+
+fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::Io(std::io::Error::other(e)))?
+}
+
+#[async_trait]
+impl BlobStore for LocalBlobs {
+    async fn put(&self, key: &str, data: Bytes) -> Result<(), StoreError> {
+        let path = self.path(key)?;
+        blocking(move || {
+            let dir = path.parent().expect("blob path has a parent");
+            std::fs::create_dir_all(dir)?;
+            let tmp = path.with_extension("tmp");
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&data)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn sync_prefix(&self, prefix: &str) -> Result<(), StoreError> {
+        let root = self.root.clone();
+        let top = self.path(prefix)?;
+        blocking(move || {
+            // Directory entries of every object, then the chain of parents up to the root.
+            if top.exists() {
+                let mut stack = vec![top.clone()];
+                while let Some(dir) = stack.pop() {
+                    for entry in std::fs::read_dir(&dir)? {
+                        let entry = entry?;
+                        if entry.file_type()?.is_dir() {
+                            stack.push(entry.path());
+                        }
+                    }
+                    fsync_dir(&dir)?;
+                }
+            }
+            let mut dir = top.parent().map(Path::to_path_buf);
+            while let Some(d) = dir {
+                fsync_dir(&d)?;
+                if d == root {
+                    break;
+                }
+                dir = d.parent().map(Path::to_path_buf);
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn get(&self, key: &str) -> Result<Bytes, StoreError> {
+        let path = self.path(key)?;
+        match tokio::fs::read(&path).await {
+            Ok(v) => Ok(Bytes::from(v)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(StoreError::NotFound),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn delete_prefix(&self, prefix: &str) -> Result<(), StoreError> {
+        let path = self.path(prefix)?;
+        blocking(move || match std::fs::remove_dir_all(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e.into()),
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn put_get_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = LocalBlobs::open(dir.path()).unwrap();
+        b.put("v/ab/01/0", Bytes::from_static(b"hello"))
+            .await
+            .unwrap();
+        b.sync_prefix("v/ab").await.unwrap();
+        assert_eq!(&b.get("v/ab/01/0").await.unwrap()[..], b"hello");
+        assert!(matches!(
+            b.get("v/ab/01/1").await,
+            Err(StoreError::NotFound)
+        ));
+        b.delete_prefix("v/ab").await.unwrap();
+        assert!(matches!(
+            b.get("v/ab/01/0").await,
+            Err(StoreError::NotFound)
+        ));
+    }
+
+    #[tokio::test]
+    async fn rejects_traversal() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = LocalBlobs::open(dir.path()).unwrap();
+        for key in ["../x", "a//b", "A", "a/./b", ""] {
+            assert!(b.get(key).await.is_err(), "{key}");
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! Storage: the metadata store (models, versions, wrapped keys, policies, challenges, sessions,
+//! grants, the audit sequence) and the blob store (ciphertext chunks). Each trait's contract is in
+//! its doc comment; backends are sibling files. The embedded default is [`sqlite::SqliteStore`]
+//! plus [`local::LocalBlobs`] in one data directory.
+
+pub mod local;
+pub mod sqlite;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::time::UnixMs;
+
+/// Storage failures. `NotFound` and `Conflict` are expected outcomes callers act on; `Backend`
+/// and `Io` are faults (detail for the log, never for clients).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    #[error("conflict: {0}")]
+    Conflict(&'static str),
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+    #[error("metadata backend: {0}")]
+    Backend(#[from] sqlx::Error),
+    #[error("blob store: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// One version of the KEK ring, wrapped by the root key.
+#[derive(Debug, Clone)]
+pub struct KekRecord {
+    pub version: u32,
+    pub wrapped: Vec<u8>,
+    pub created_ms: UnixMs,
+}
+
+/// An immutable model version as committed.
+#[derive(Debug, Clone)]
+pub struct VersionRecord {
+    pub model: String,
+    pub version: u64,
+    pub version_id: [u8; 16],
+    pub kek_version: u32,
+    pub wrapped_dek: Vec<u8>,
+    pub manifest: Vec<u8>,
+    pub manifest_sig: Vec<u8>,
+    pub total_bytes: u64,
+    pub created_ms: UnixMs,
+}
+
+#[derive(Debug, Clone)]
+pub struct ModelSummary {
+    pub name: String,
+    pub latest_version: u64,
+    pub versions: u32,
+}
+
+/// An admin rule: nodes of `tee` whose evidence carries `measurement` may read `model`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessRule {
+    pub model: String,
+    pub tee: String,
+    pub measurement: String,
+    pub created_ms: UnixMs,
+}
+
+/// An attestation session: what was verified, bound to the node's key. Only the SHA-256 of the
+/// bearer token is stored.
+#[derive(Debug, Clone)]
+pub struct SessionRecord {
+    pub token_sha256: [u8; 32],
+    pub claims_json: String,
+    pub node_public_key: [u8; 32],
+    pub evidence_sha256: [u8; 32],
+    pub created_ms: UnixMs,
+    pub expires_ms: UnixMs,
+}
+
+#[derive(Debug, Clone)]
+pub struct GrantRecord {
+    pub grant_id: String,
+    pub session_sha256: [u8; 32],
+    pub model: String,
+    pub version: u64,
+    pub node_public_key: [u8; 32],
+    pub created_ms: UnixMs,
+    pub not_after_ms: UnixMs,
+    pub revoked: bool,
+    pub bytes_served: u64,
+}
+
+/// Metadata store contract.
+///
+/// - Every method that changes state has committed durably (fsync or the backend's equivalent)
+///   when it returns `Ok`; a crash after that loses nothing, a crash before leaves the old state.
+/// - Every method is atomic: a failed call changes nothing.
+/// - `Conflict` means a uniqueness rule refused the write; the caller decides whether to retry.
+#[async_trait]
+pub trait MetadataStore: Send + Sync + 'static {
+    /// Appends entries as the next indexes of the audit sequence, in order, in one transaction.
+    /// Returns the index of the first. Durable on return (the log-before-release rule).
+    async fn append_audit(&self, entries: &[Vec<u8>]) -> Result<u64, StoreError>;
+    /// Entries with index in `[start, end)`, at most `limit` of them, in index order.
+    async fn audit_entries(
+        &self,
+        start: u64,
+        end: u64,
+        limit: u32,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
+    /// Number of entries in the audit sequence.
+    async fn audit_size(&self) -> Result<u64, StoreError>;
+
+    async fn keks(&self) -> Result<Vec<KekRecord>, StoreError>;
+    /// `Conflict` if that KEK version exists.
+    async fn insert_kek(&self, kek: &KekRecord) -> Result<(), StoreError>;
+    /// A named wrapped secret (for example the manifest signing key).
+    async fn get_wrapped_secret(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Stores it unless the name exists; returns whether it was stored.
+    async fn put_wrapped_secret_if_absent(
+        &self,
+        name: &str,
+        wrapped: &[u8],
+    ) -> Result<bool, StoreError>;
+
+    /// Records an upload in progress, so its blobs can be collected if it never commits.
+    async fn begin_upload(
+        &self,
+        upload_id: &[u8; 16],
+        model: &str,
+        now: UnixMs,
+    ) -> Result<(), StoreError>;
+    /// Forgets an upload (after its blobs were deleted).
+    async fn end_upload(&self, upload_id: &[u8; 16]) -> Result<(), StoreError>;
+    /// Every upload that has not committed (at startup: uploads a crash interrupted).
+    async fn pending_uploads(&self) -> Result<Vec<[u8; 16]>, StoreError>;
+    /// The number the next version of `model` would get.
+    async fn next_version(&self, model: &str) -> Result<u64, StoreError>;
+    /// Makes a version visible and forgets its upload, atomically. `Conflict` if that version
+    /// number was taken meanwhile.
+    async fn commit_version(&self, v: &VersionRecord) -> Result<(), StoreError>;
+    async fn list_models(&self) -> Result<Vec<ModelSummary>, StoreError>;
+    /// All versions of a model, oldest first (empty if the model is unknown).
+    async fn versions(&self, model: &str) -> Result<Vec<VersionRecord>, StoreError>;
+    /// One version, or the latest when `version` is `None`.
+    async fn get_version(
+        &self,
+        model: &str,
+        version: Option<u64>,
+    ) -> Result<Option<VersionRecord>, StoreError>;
+
+    /// Returns whether the rule was new.
+    async fn add_rule(&self, rule: &AccessRule) -> Result<bool, StoreError>;
+    async fn rules(&self, model: Option<&str>) -> Result<Vec<AccessRule>, StoreError>;
+
+    async fn put_challenge(&self, nonce: &[u8; 32], expires_ms: UnixMs) -> Result<(), StoreError>;
+    /// Removes the nonce and returns its expiry; `None` if it was never issued or already used.
+    /// Two concurrent callers never both get `Some` (single use).
+    async fn take_challenge(&self, nonce: &[u8; 32]) -> Result<Option<UnixMs>, StoreError>;
+    /// Deletes challenges and sessions that expired before `now`.
+    async fn purge_expired(&self, now: UnixMs) -> Result<(), StoreError>;
+
+    async fn put_session(&self, s: &SessionRecord) -> Result<(), StoreError>;
+    async fn get_session(
+        &self,
+        token_sha256: &[u8; 32],
+    ) -> Result<Option<SessionRecord>, StoreError>;
+    /// Stores evidence content-addressed by its SHA-256 (idempotent).
+    async fn put_evidence(&self, sha256: &[u8; 32], evidence: &[u8]) -> Result<(), StoreError>;
+
+    async fn put_grant(&self, g: &GrantRecord) -> Result<(), StoreError>;
+    async fn get_grant(&self, grant_id: &str) -> Result<Option<GrantRecord>, StoreError>;
+    /// Adds to the bytes a grant has served.
+    async fn add_grant_bytes(&self, grant_id: &str, bytes: u64) -> Result<(), StoreError>;
+}
+
+/// Blob store contract: immutable objects under `/`-separated keys of `[a-z0-9_-]` segments.
+///
+/// - `put` has written the whole object durably (data fsynced) when it returns; a partially
+///   written object is never returned by `get`.
+/// - `sync_prefix` makes the names under a prefix durable (directory entries); call it before
+///   committing metadata that points at the objects.
+/// - `get` of a missing key is `NotFound`.
+#[async_trait]
+pub trait BlobStore: Send + Sync + 'static {
+    async fn put(&self, key: &str, data: Bytes) -> Result<(), StoreError>;
+    async fn sync_prefix(&self, prefix: &str) -> Result<(), StoreError>;
+    async fn get(&self, key: &str) -> Result<Bytes, StoreError>;
+    /// Deletes every object under the prefix (missing is fine).
+    async fn delete_prefix(&self, prefix: &str) -> Result<(), StoreError>;
+}
+
+/// The blob prefix of one model version.
+pub fn version_prefix(version_id: &[u8; 16]) -> String {
+    format!("v/{}", hex::encode(version_id))
+}
+
+/// The blob key of chunk `index` of file `path` in a version.
+pub fn chunk_key(version_id: &[u8; 16], path: &str, index: u64) -> String {
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, path.as_bytes());
+    format!(
+        "{}/{}/{index}",
+        version_prefix(version_id),
+        hex::encode(&digest.as_ref()[..16])
+    )
+}

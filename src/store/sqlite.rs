@@ -1,0 +1,585 @@
+//! Embedded metadata backend: one SQLite file in the data directory, WAL journal with
+//! `synchronous=FULL`, so a committed transaction survives a power cut.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+
+use super::{
+    AccessRule, GrantRecord, KekRecord, MetadataStore, ModelSummary, SessionRecord, StoreError,
+    VersionRecord,
+};
+use crate::time::UnixMs;
+
+/// Schema, applied in order; the applied count is kept in `PRAGMA user_version`.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE audit_log (idx INTEGER PRIMARY KEY, entry BLOB NOT NULL);
+CREATE TABLE keks (version INTEGER PRIMARY KEY, wrapped BLOB NOT NULL, created_ms INTEGER NOT NULL);
+CREATE TABLE wrapped_secrets (name TEXT PRIMARY KEY, wrapped BLOB NOT NULL);
+CREATE TABLE uploads (upload_id BLOB PRIMARY KEY, model TEXT NOT NULL, started_ms INTEGER NOT NULL);
+CREATE TABLE versions (
+    model TEXT NOT NULL, version INTEGER NOT NULL, version_id BLOB NOT NULL UNIQUE,
+    kek_version INTEGER NOT NULL, wrapped_dek BLOB NOT NULL, manifest BLOB NOT NULL,
+    manifest_sig BLOB NOT NULL, total_bytes INTEGER NOT NULL, created_ms INTEGER NOT NULL,
+    PRIMARY KEY (model, version));
+CREATE TABLE access_rules (
+    model TEXT NOT NULL, tee TEXT NOT NULL, measurement TEXT NOT NULL, created_ms INTEGER NOT NULL,
+    PRIMARY KEY (model, tee, measurement));
+CREATE TABLE challenges (nonce BLOB PRIMARY KEY, expires_ms INTEGER NOT NULL);
+CREATE TABLE sessions (
+    token_sha256 BLOB PRIMARY KEY, claims_json TEXT NOT NULL, node_public_key BLOB NOT NULL,
+    evidence_sha256 BLOB NOT NULL, created_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL);
+CREATE TABLE evidence (sha256 BLOB PRIMARY KEY, bytes BLOB NOT NULL);
+CREATE TABLE grants (
+    grant_id TEXT PRIMARY KEY, session_sha256 BLOB NOT NULL, model TEXT NOT NULL,
+    version INTEGER NOT NULL, node_public_key BLOB NOT NULL, created_ms INTEGER NOT NULL,
+    not_after_ms INTEGER NOT NULL, revoked INTEGER NOT NULL DEFAULT 0,
+    bytes_served INTEGER NOT NULL DEFAULT 0);
+"#];
+
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+fn i(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn u(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn fixed<const N: usize>(v: Vec<u8>, what: &str) -> Result<[u8; N], StoreError> {
+    v.try_into()
+        .map_err(|_| StoreError::Corrupt(format!("{what} has the wrong length")))
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file and applies pending migrations.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        let opts = SqliteConnectOptions::from_str("sqlite://")?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // Every commit is fsynced before it returns (durability rule, DESIGN.md "Storage").
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(opts)
+            .await?;
+        let store = Self { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let applied: i64 = sqlx::query_scalar("PRAGMA user_version")
+            .fetch_one(&mut *tx)
+            .await?;
+        let applied = usize::try_from(applied).unwrap_or(usize::MAX);
+        if applied > MIGRATIONS.len() {
+            return Err(StoreError::Corrupt(format!(
+                "database schema {applied} is newer than this binary ({})",
+                MIGRATIONS.len()
+            )));
+        }
+        for (n, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
+            sqlx::raw_sql(*sql).execute(&mut *tx).await?;
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "PRAGMA user_version = {}",
+                n + 1
+            )))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    fn version_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<VersionRecord, StoreError> {
+        Ok(VersionRecord {
+            model: row.try_get("model")?,
+            version: u(row.try_get("version")?),
+            version_id: fixed(row.try_get("version_id")?, "version_id")?,
+            kek_version: u32::try_from(row.try_get::<i64, _>("kek_version")?)
+                .map_err(|_| StoreError::Corrupt("kek_version".into()))?,
+            wrapped_dek: row.try_get("wrapped_dek")?,
+            manifest: row.try_get("manifest")?,
+            manifest_sig: row.try_get("manifest_sig")?,
+            total_bytes: u(row.try_get("total_bytes")?),
+            created_ms: u(row.try_get("created_ms")?),
+        })
+    }
+
+    fn grant_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<GrantRecord, StoreError> {
+        Ok(GrantRecord {
+            grant_id: row.try_get("grant_id")?,
+            session_sha256: fixed(row.try_get("session_sha256")?, "session_sha256")?,
+            model: row.try_get("model")?,
+            version: u(row.try_get("version")?),
+            node_public_key: fixed(row.try_get("node_public_key")?, "node_public_key")?,
+            created_ms: u(row.try_get("created_ms")?),
+            not_after_ms: u(row.try_get("not_after_ms")?),
+            revoked: row.try_get::<i64, _>("revoked")? != 0,
+            bytes_served: u(row.try_get("bytes_served")?),
+        })
+    }
+}
+
+const VERSION_COLS: &str = "model, version, version_id, kek_version, wrapped_dek, manifest, \
+                            manifest_sig, total_bytes, created_ms";
+
+#[async_trait]
+impl MetadataStore for SqliteStore {
+    async fn append_audit(&self, entries: &[Vec<u8>]) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let size: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(idx) + 1, 0) FROM audit_log")
+            .fetch_one(&mut *tx)
+            .await?;
+        for (n, e) in entries.iter().enumerate() {
+            sqlx::query("INSERT INTO audit_log (idx, entry) VALUES (?, ?)")
+                .bind(size + i(n as u64))
+                .bind(e.as_slice())
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(u(size))
+    }
+
+    async fn audit_entries(
+        &self,
+        start: u64,
+        end: u64,
+        limit: u32,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT idx, entry FROM audit_log WHERE idx >= ? AND idx < ? ORDER BY idx LIMIT ?",
+        )
+        .bind(i(start))
+        .bind(i(end))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((u(r.try_get("idx")?), r.try_get("entry")?)))
+            .collect()
+    }
+
+    async fn audit_size(&self) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(idx) + 1, 0) FROM audit_log")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(u(n))
+    }
+
+    async fn keks(&self) -> Result<Vec<KekRecord>, StoreError> {
+        let rows = sqlx::query("SELECT version, wrapped, created_ms FROM keks ORDER BY version")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(KekRecord {
+                    version: u32::try_from(r.try_get::<i64, _>("version")?)
+                        .map_err(|_| StoreError::Corrupt("kek version".into()))?,
+                    wrapped: r.try_get("wrapped")?,
+                    created_ms: u(r.try_get("created_ms")?),
+                })
+            })
+            .collect()
+    }
+
+    async fn insert_kek(&self, kek: &KekRecord) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO keks (version, wrapped, created_ms) VALUES (?, ?, ?)")
+            .bind(i64::from(kek.version))
+            .bind(kek.wrapped.as_slice())
+            .bind(i(kek.created_ms))
+            .execute(&self.pool)
+            .await
+            .map_err(|e| {
+                if is_unique_violation(&e) {
+                    StoreError::Conflict("kek version exists")
+                } else {
+                    e.into()
+                }
+            })?;
+        Ok(())
+    }
+
+    async fn get_wrapped_secret(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT wrapped FROM wrapped_secrets WHERE name = ?")
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn put_wrapped_secret_if_absent(
+        &self,
+        name: &str,
+        wrapped: &[u8],
+    ) -> Result<bool, StoreError> {
+        let r = sqlx::query("INSERT OR IGNORE INTO wrapped_secrets (name, wrapped) VALUES (?, ?)")
+            .bind(name)
+            .bind(wrapped)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn begin_upload(
+        &self,
+        upload_id: &[u8; 16],
+        model: &str,
+        now: UnixMs,
+    ) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO uploads (upload_id, model, started_ms) VALUES (?, ?, ?)")
+            .bind(upload_id.as_slice())
+            .bind(model)
+            .bind(i(now))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn end_upload(&self, upload_id: &[u8; 16]) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM uploads WHERE upload_id = ?")
+            .bind(upload_id.as_slice())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn pending_uploads(&self) -> Result<Vec<[u8; 16]>, StoreError> {
+        let ids: Vec<Vec<u8>> = sqlx::query_scalar("SELECT upload_id FROM uploads")
+            .fetch_all(&self.pool)
+            .await?;
+        ids.into_iter().map(|v| fixed(v, "upload_id")).collect()
+    }
+
+    async fn next_version(&self, model: &str) -> Result<u64, StoreError> {
+        let max: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(version) FROM versions WHERE model = ?")
+                .bind(model)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(u(max.unwrap_or(0)) + 1)
+    }
+
+    async fn commit_version(&self, v: &VersionRecord) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let insert = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO versions ({VERSION_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        )))
+        .bind(&v.model)
+        .bind(i(v.version))
+        .bind(v.version_id.as_slice())
+        .bind(i64::from(v.kek_version))
+        .bind(v.wrapped_dek.as_slice())
+        .bind(v.manifest.as_slice())
+        .bind(v.manifest_sig.as_slice())
+        .bind(i(v.total_bytes))
+        .bind(i(v.created_ms))
+        .execute(&mut *tx)
+        .await;
+        match insert {
+            Err(e) if is_unique_violation(&e) => {
+                return Err(StoreError::Conflict("version number taken"));
+            }
+            other => {
+                other?;
+            }
+        }
+        sqlx::query("DELETE FROM uploads WHERE upload_id = ?")
+            .bind(v.version_id.as_slice())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn list_models(&self) -> Result<Vec<ModelSummary>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT model, MAX(version) AS latest, COUNT(*) AS n FROM versions \
+             GROUP BY model ORDER BY model",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ModelSummary {
+                    name: r.try_get("model")?,
+                    latest_version: u(r.try_get("latest")?),
+                    versions: u32::try_from(r.try_get::<i64, _>("n")?).unwrap_or(u32::MAX),
+                })
+            })
+            .collect()
+    }
+
+    async fn versions(&self, model: &str) -> Result<Vec<VersionRecord>, StoreError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {VERSION_COLS} FROM versions WHERE model = ? ORDER BY version"
+        )))
+        .bind(model)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(Self::version_from_row).collect()
+    }
+
+    async fn get_version(
+        &self,
+        model: &str,
+        version: Option<u64>,
+    ) -> Result<Option<VersionRecord>, StoreError> {
+        let row = match version {
+            Some(v) => {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {VERSION_COLS} FROM versions WHERE model = ? AND version = ?"
+                )))
+                .bind(model)
+                .bind(i(v))
+                .fetch_optional(&self.pool)
+                .await?
+            }
+            None => {
+                sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT {VERSION_COLS} FROM versions WHERE model = ? \
+                     ORDER BY version DESC LIMIT 1"
+                )))
+                .bind(model)
+                .fetch_optional(&self.pool)
+                .await?
+            }
+        };
+        row.as_ref().map(Self::version_from_row).transpose()
+    }
+
+    async fn add_rule(&self, rule: &AccessRule) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            "INSERT OR IGNORE INTO access_rules (model, tee, measurement, created_ms) \
+             VALUES (?, ?, ?, ?)",
+        )
+        .bind(&rule.model)
+        .bind(&rule.tee)
+        .bind(&rule.measurement)
+        .bind(i(rule.created_ms))
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn rules(&self, model: Option<&str>) -> Result<Vec<AccessRule>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT model, tee, measurement, created_ms FROM access_rules \
+             WHERE ?1 IS NULL OR model = ?1 ORDER BY model, tee, measurement",
+        )
+        .bind(model)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(AccessRule {
+                    model: r.try_get("model")?,
+                    tee: r.try_get("tee")?,
+                    measurement: r.try_get("measurement")?,
+                    created_ms: u(r.try_get("created_ms")?),
+                })
+            })
+            .collect()
+    }
+
+    async fn put_challenge(&self, nonce: &[u8; 32], expires_ms: UnixMs) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO challenges (nonce, expires_ms) VALUES (?, ?)")
+            .bind(nonce.as_slice())
+            .bind(i(expires_ms))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn take_challenge(&self, nonce: &[u8; 32]) -> Result<Option<UnixMs>, StoreError> {
+        // DELETE ... RETURNING is one statement: of two concurrent takers only one sees the row.
+        let expires: Option<i64> =
+            sqlx::query_scalar("DELETE FROM challenges WHERE nonce = ? RETURNING expires_ms")
+                .bind(nonce.as_slice())
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(expires.map(u))
+    }
+
+    async fn purge_expired(&self, now: UnixMs) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM challenges WHERE expires_ms < ?")
+            .bind(i(now))
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM sessions WHERE expires_ms < ?")
+            .bind(i(now))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn put_session(&self, s: &SessionRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO sessions (token_sha256, claims_json, node_public_key, evidence_sha256, \
+             created_ms, expires_ms) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(s.token_sha256.as_slice())
+        .bind(&s.claims_json)
+        .bind(s.node_public_key.as_slice())
+        .bind(s.evidence_sha256.as_slice())
+        .bind(i(s.created_ms))
+        .bind(i(s.expires_ms))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn get_session(
+        &self,
+        token_sha256: &[u8; 32],
+    ) -> Result<Option<SessionRecord>, StoreError> {
+        let row = sqlx::query(
+            "SELECT token_sha256, claims_json, node_public_key, evidence_sha256, created_ms, \
+             expires_ms FROM sessions WHERE token_sha256 = ?",
+        )
+        .bind(token_sha256.as_slice())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            Ok(SessionRecord {
+                token_sha256: fixed(r.try_get("token_sha256")?, "token")?,
+                claims_json: r.try_get("claims_json")?,
+                node_public_key: fixed(r.try_get("node_public_key")?, "node_public_key")?,
+                evidence_sha256: fixed(r.try_get("evidence_sha256")?, "evidence_sha256")?,
+                created_ms: u(r.try_get("created_ms")?),
+                expires_ms: u(r.try_get("expires_ms")?),
+            })
+        })
+        .transpose()
+    }
+
+    async fn put_evidence(&self, sha256: &[u8; 32], evidence: &[u8]) -> Result<(), StoreError> {
+        sqlx::query("INSERT OR IGNORE INTO evidence (sha256, bytes) VALUES (?, ?)")
+            .bind(sha256.as_slice())
+            .bind(evidence)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn put_grant(&self, g: &GrantRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO grants (grant_id, session_sha256, model, version, node_public_key, \
+             created_ms, not_after_ms, revoked, bytes_served) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&g.grant_id)
+        .bind(g.session_sha256.as_slice())
+        .bind(&g.model)
+        .bind(i(g.version))
+        .bind(g.node_public_key.as_slice())
+        .bind(i(g.created_ms))
+        .bind(i(g.not_after_ms))
+        .bind(i64::from(g.revoked))
+        .bind(i(g.bytes_served))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn get_grant(&self, grant_id: &str) -> Result<Option<GrantRecord>, StoreError> {
+        let row = sqlx::query("SELECT * FROM grants WHERE grant_id = ?")
+            .bind(grant_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(Self::grant_from_row).transpose()
+    }
+
+    async fn add_grant_bytes(&self, grant_id: &str, bytes: u64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE grants SET bytes_served = bytes_served + ? WHERE grant_id = ?")
+            .bind(i(bytes))
+            .bind(grant_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn audit_appends_are_sequential_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.db");
+        {
+            let s = SqliteStore::open(&path).await.unwrap();
+            assert_eq!(
+                s.append_audit(&[b"a".to_vec(), b"b".to_vec()])
+                    .await
+                    .unwrap(),
+                0
+            );
+            assert_eq!(s.append_audit(&[b"c".to_vec()]).await.unwrap(), 2);
+        }
+        let s = SqliteStore::open(&path).await.unwrap();
+        assert_eq!(s.audit_size().await.unwrap(), 3);
+        let got = s.audit_entries(1, 3, 10).await.unwrap();
+        assert_eq!(got, vec![(1, b"b".to_vec()), (2, b"c".to_vec())]);
+    }
+
+    #[tokio::test]
+    async fn challenges_are_single_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("m.db")).await.unwrap();
+        s.put_challenge(&[1; 32], 99).await.unwrap();
+        assert_eq!(s.take_challenge(&[1; 32]).await.unwrap(), Some(99));
+        assert_eq!(s.take_challenge(&[1; 32]).await.unwrap(), None);
+        assert_eq!(s.take_challenge(&[2; 32]).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn version_numbers_conflict_instead_of_overwriting() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("m.db")).await.unwrap();
+        let mut v = VersionRecord {
+            model: "m".into(),
+            version: 1,
+            version_id: [1; 16],
+            kek_version: 1,
+            wrapped_dek: vec![1],
+            manifest: vec![2],
+            manifest_sig: vec![3],
+            total_bytes: 4,
+            created_ms: 5,
+        };
+        s.begin_upload(&v.version_id, "m", 0).await.unwrap();
+        s.commit_version(&v).await.unwrap();
+        assert!(s.pending_uploads().await.unwrap().is_empty());
+        v.version_id = [2; 16];
+        assert!(matches!(
+            s.commit_version(&v).await,
+            Err(StoreError::Conflict(_))
+        ));
+        assert_eq!(s.next_version("m").await.unwrap(), 2);
+        assert_eq!(
+            s.get_version("m", None).await.unwrap().unwrap().version_id,
+            [1; 16]
+        );
+    }
+}
