@@ -390,7 +390,7 @@ impl AdminApi {
         let m = &req.measurement;
         if m.is_empty()
             || m.len() > 128
-            || m.len() % 2 != 0
+            || !m.len().is_multiple_of(2)
             || !m
                 .bytes()
                 .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))

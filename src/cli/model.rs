@@ -1,0 +1,122 @@
+//! `weightvault model push|list|show` (admin).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Subcommand;
+
+use super::ConnArgs;
+use crate::client::admin::AdminClient;
+use crate::client::collect_files;
+
+#[derive(Subcommand)]
+pub enum ModelCmd {
+    /// Upload a file, or every regular file of a directory, as a new immutable version.
+    Push {
+        /// Model name: 1-128 characters of [A-Za-z0-9._-].
+        name: String,
+        /// A file or a directory (safetensors shards, config.json, tokenizer files, ...).
+        path: PathBuf,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// List models with their latest version.
+    List {
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Show every version of a model with its files and sizes.
+    Show {
+        name: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+}
+
+pub async fn run(cmd: ModelCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        ModelCmd::Push { name, path, conn } => {
+            // Bad input is refused before anything is sent.
+            let files = collect_files(&path)?;
+            let total: u64 = files.iter().map(|f| f.2).sum();
+            let mut client = AdminClient::new(conn.endpoint(true)?.connect().await?);
+            let bar = indicatif::ProgressBar::new(total);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                )
+                .expect("template")
+                .progress_chars("=> "),
+            );
+            bar.set_message(format!("pushing {name}"));
+            let b = bar.clone();
+            let r = client
+                .push(&name, files, move |sent| b.set_position(sent))
+                .await;
+            bar.finish_and_clear();
+            let r = r?;
+            println!(
+                "pushed {}@{}: {} files, {} bytes",
+                r.model, r.version, r.files, r.total_bytes
+            );
+        }
+        ModelCmd::List { conn } => {
+            let mut client = AdminClient::new(conn.endpoint(true)?.connect().await?);
+            let models = client.list().await?;
+            if models.is_empty() {
+                println!("no models");
+            }
+            println!("{:<40} {:>8} {:>8}", "MODEL", "LATEST", "VERSIONS");
+            for m in models {
+                println!("{:<40} {:>8} {:>8}", m.name, m.latest_version, m.versions);
+            }
+        }
+        ModelCmd::Show { name, json, conn } => {
+            let mut client = AdminClient::new(conn.endpoint(true)?.connect().await?);
+            let m = client.show(&name).await?;
+            if json {
+                let versions: Vec<_> = m
+                    .versions
+                    .iter()
+                    .map(|v| {
+                        serde_json::json!({
+                            "version": v.version,
+                            "created_ms": v.created_ms,
+                            "total_bytes": v.total_bytes,
+                            "kek_version": v.kek_version,
+                            "files": v.files.iter().map(|f| serde_json::json!({
+                                "path": f.path, "size": f.size, "chunks": f.chunks, "sha256": f.sha256,
+                            })).collect::<Vec<_>>(),
+                        })
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::json!({ "name": m.name, "versions": versions })
+                );
+            } else {
+                println!("model {}", m.name);
+                for v in &m.versions {
+                    println!(
+                        "  version {}: {} bytes in {} files (created {} ms, KEK v{})",
+                        v.version,
+                        v.total_bytes,
+                        v.files.len(),
+                        v.created_ms,
+                        v.kek_version
+                    );
+                    for f in &v.files {
+                        println!(
+                            "    {:<48} {:>14} bytes  sha256 {}",
+                            f.path, f.size, f.sha256
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

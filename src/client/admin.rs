@@ -1,0 +1,149 @@
+//! Admin calls: push a model version, list and show models, allow access.
+
+use std::path::PathBuf;
+
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+use super::ClientError;
+use crate::proto::v1::admin_service_client::AdminServiceClient;
+use crate::proto::v1::push_model_request::Msg;
+use crate::proto::v1::{
+    AccessRule, AllowAccessRequest, FileStart, GetModelRequest, GetModelResponse,
+    ListAccessRequest, ListModelsRequest, ModelSummary, PushFinish, PushModelRequest,
+    PushModelResponse, PushStart,
+};
+use crate::server::MAX_MESSAGE;
+
+/// Plaintext bytes per upload message.
+const UPLOAD_PIECE: usize = 1024 * 1024;
+
+pub struct AdminClient {
+    inner: AdminServiceClient<Channel>,
+}
+
+impl AdminClient {
+    pub fn new(channel: Channel) -> Self {
+        Self {
+            inner: AdminServiceClient::new(channel).max_encoding_message_size(MAX_MESSAGE),
+        }
+    }
+
+    /// Uploads files as a new version of `model`. `files` are `(path in model, path on disk,
+    /// size)` as from [`super::collect_files`]; `progress` gets the bytes sent so far.
+    pub async fn push(
+        &mut self,
+        model: &str,
+        files: Vec<(String, PathBuf, u64)>,
+        progress: impl Fn(u64) + Send + 'static,
+    ) -> Result<PushModelResponse, ClientError> {
+        let (tx, rx) = mpsc::channel::<PushModelRequest>(4);
+        let model = model.to_string();
+        // The reader stops at the first error and drops the sender without `finish`, so the
+        // vault discards the partial upload.
+        let reader = tokio::spawn(async move {
+            let send = |msg| PushModelRequest { msg: Some(msg) };
+            if tx
+                .send(send(Msg::Start(PushStart { model })))
+                .await
+                .is_err()
+            {
+                return Ok(());
+            }
+            let mut sent = 0u64;
+            for (rel, path, size) in files {
+                let mut f = tokio::fs::File::open(&path)
+                    .await
+                    .map_err(|e| ClientError::io(&path, e))?;
+                if tx
+                    .send(send(Msg::File(FileStart { path: rel, size })))
+                    .await
+                    .is_err()
+                {
+                    return Ok(());
+                }
+                let mut left = size;
+                while left > 0 {
+                    let mut buf = vec![0u8; UPLOAD_PIECE.min(left as usize)];
+                    f.read_exact(&mut buf).await.map_err(|e| {
+                        ClientError::io(
+                            &path,
+                            std::io::Error::new(
+                                e.kind(),
+                                format!("{e} (did the file change during the push?)"),
+                            ),
+                        )
+                    })?;
+                    left -= buf.len() as u64;
+                    sent += buf.len() as u64;
+                    if tx.send(send(Msg::Data(buf.into()))).await.is_err() {
+                        return Ok(());
+                    }
+                    progress(sent);
+                }
+            }
+            let _ = tx.send(send(Msg::Finish(PushFinish {}))).await;
+            Ok::<(), ClientError>(())
+        });
+        let result = self.inner.push_model(ReceiverStream::new(rx)).await;
+        let read = reader
+            .await
+            .map_err(|e| ClientError::Protocol(format!("upload reader failed: {e}")))?;
+        read?;
+        Ok(result?.into_inner())
+    }
+
+    pub async fn list(&mut self) -> Result<Vec<ModelSummary>, ClientError> {
+        Ok(self
+            .inner
+            .list_models(ListModelsRequest {})
+            .await?
+            .into_inner()
+            .models)
+    }
+
+    pub async fn show(&mut self, name: &str) -> Result<GetModelResponse, ClientError> {
+        Ok(self
+            .inner
+            .get_model(GetModelRequest {
+                name: name.to_string(),
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// Returns whether the rule was new.
+    pub async fn allow(
+        &mut self,
+        model: &str,
+        tee: &str,
+        measurement: &str,
+    ) -> Result<bool, ClientError> {
+        Ok(self
+            .inner
+            .allow_access(AllowAccessRequest {
+                model: model.to_string(),
+                tee: tee.to_string(),
+                measurement: measurement.to_string(),
+            })
+            .await?
+            .into_inner()
+            .created)
+    }
+
+    pub async fn access_rules(
+        &mut self,
+        model: Option<&str>,
+    ) -> Result<Vec<AccessRule>, ClientError> {
+        Ok(self
+            .inner
+            .list_access(ListAccessRequest {
+                model: model.unwrap_or_default().to_string(),
+            })
+            .await?
+            .into_inner()
+            .rules)
+    }
+}
