@@ -21,7 +21,7 @@ pub const ENV_CLIENT_KEY: &str = "WEIGHTVAULT_CLIENT_KEY";
 pub enum ClientError {
     /// The vault refused or failed the call.
     #[error("{}: {}", code_name(.0.code()), .0.message())]
-    Status(#[from] tonic::Status),
+    Status(tonic::Status),
     #[error("cannot connect to the vault at {addr}: {source}")]
     Connect {
         addr: String,
@@ -40,6 +40,13 @@ pub enum ClientError {
     /// A chunk or the sealed key did not authenticate; nothing of it was kept.
     #[error("decryption failed")]
     DecryptionFailed,
+}
+
+// Not `#[from]`: a status is shown as code and message only, not as a chain of causes.
+impl From<tonic::Status> for ClientError {
+    fn from(s: tonic::Status) -> Self {
+        ClientError::Status(s)
+    }
 }
 
 impl ClientError {
