@@ -1,0 +1,496 @@
+//! Fetch throughput: the real node fetch path against a bare tonic stream of the same bytes, in
+//! the same process, over the same TLS setup on 127.0.0.1 (docs/performance.md).
+//!
+//! - A (baseline): a trivial `NodeService` whose `FetchWeights` streams pre-generated in-memory
+//!   `WeightChunk`s (same count and sizes as the real model's chunks: chunk_size + 16 bytes each,
+//!   `Bytes` clones, no per-message allocation), served with the vault's TLS identity and HTTP/2
+//!   settings; the client only counts bytes.
+//! - B (real): the vault started in-process from a dev config, a model pushed with the admin
+//!   client, then `NodeClient::fetch` (challenge, sim attestation, grant, stream, decrypt) into a
+//!   sink that discards the plaintext: fetch + decrypt, no disk writes on the node side.
+//!
+//! `cargo bench --bench fetch`; model size from `WEIGHTVAULT_BENCH_BYTES` (default 1 GiB), rounds
+//! from `WEIGHTVAULT_BENCH_ROUNDS` (default 3). The bench never asserts on timing.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use tokio_stream::Stream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+use tonic::{Request, Response, Status};
+
+use weightvault::client::admin::AdminClient;
+use weightvault::client::node::{FetchOptions, NodeClient, SimAttester, WeightSink};
+use weightvault::client::{ClientError, Endpoint, collect_files};
+use weightvault::config::Config;
+use weightvault::config::dev::{self, files};
+use weightvault::envelope::TAG_LEN;
+use weightvault::proto::v1::node_service_client::NodeServiceClient;
+use weightvault::proto::v1::node_service_server::{NodeService, NodeServiceServer};
+use weightvault::proto::v1::{
+    AttestRequest, AttestResponse, FetchWeightsRequest, GetChallengeRequest, GetChallengeResponse,
+    RequestGrantRequest, RequestGrantResponse, WeightChunk,
+};
+use weightvault::server::{CONNECTION_WINDOW, MAX_FRAME, MAX_MESSAGE, STREAM_WINDOW, StartOptions};
+
+const MODEL: &str = "bench";
+const MEASUREMENT_BYTE: &str = "ab";
+const DEFAULT_BYTES: u64 = 1 << 30;
+const DEFAULT_ROUNDS: usize = 3;
+
+fn main() -> Result<()> {
+    // `cargo bench` passes `--bench`; nothing else is accepted.
+    let bytes = env_u64("WEIGHTVAULT_BENCH_BYTES", DEFAULT_BYTES)?;
+    let rounds = env_u64("WEIGHTVAULT_BENCH_ROUNDS", DEFAULT_ROUNDS as u64)? as usize;
+    if bytes == 0 || rounds == 0 {
+        bail!("WEIGHTVAULT_BENCH_BYTES and WEIGHTVAULT_BENCH_ROUNDS must be positive");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(run(bytes, rounds))
+}
+
+fn env_u64(name: &str, default: u64) -> Result<u64> {
+    match std::env::var(name) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .with_context(|| format!("{name}={v:?} is not an integer")),
+        Err(_) => Ok(default),
+    }
+}
+
+/// Cheap non-compressible filler (xorshift64*); the content does not matter to the transport.
+struct XorShift(u64);
+
+impl XorShift {
+    fn fill(&mut self, buf: &mut [u8]) {
+        for word in buf.chunks_mut(8) {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            let v = self.0.wrapping_mul(0x2545_f491_4f6c_dd1d).to_le_bytes();
+            word.copy_from_slice(&v[..word.len()]);
+        }
+    }
+}
+
+/// Writes `bytes` of filler to `path`, piece by piece.
+fn write_model(path: &Path, bytes: u64) -> Result<()> {
+    use std::io::Write;
+    let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut piece = vec![0u8; 4 << 20];
+    let mut left = bytes;
+    while left > 0 {
+        let n = piece.len().min(left as usize);
+        rng.fill(&mut piece[..n]);
+        f.write_all(&piece[..n])?;
+        left -= n as u64;
+    }
+    f.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    Ok(())
+}
+
+/// The baseline chunks: as many messages as the stored model has chunks, each the size of the
+/// stored chunk (plaintext + tag), in distinct buffers like the blobs the vault reads.
+fn baseline_chunks(bytes: u64, chunk_size: u32) -> Vec<Bytes> {
+    let mut rng = XorShift(0x0123_4567_89ab_cdef);
+    let mut out = Vec::new();
+    let mut left = bytes;
+    while left > 0 {
+        let plain = left.min(u64::from(chunk_size)) as usize;
+        let mut buf = vec![0u8; plain + TAG_LEN];
+        rng.fill(&mut buf);
+        out.push(Bytes::from(buf));
+        left -= plain as u64;
+    }
+    out
+}
+
+/// (A) A bare NodeService that only streams pre-generated chunks.
+struct Baseline {
+    chunks: Arc<Vec<Bytes>>,
+}
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<WeightChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl NodeService for Baseline {
+    async fn get_challenge(
+        &self,
+        _req: Request<GetChallengeRequest>,
+    ) -> Result<Response<GetChallengeResponse>, Status> {
+        Err(Status::unimplemented("baseline"))
+    }
+
+    async fn attest(
+        &self,
+        _req: Request<AttestRequest>,
+    ) -> Result<Response<AttestResponse>, Status> {
+        Err(Status::unimplemented("baseline"))
+    }
+
+    async fn request_grant(
+        &self,
+        _req: Request<RequestGrantRequest>,
+    ) -> Result<Response<RequestGrantResponse>, Status> {
+        Err(Status::unimplemented("baseline"))
+    }
+
+    type FetchWeightsStream = ChunkStream;
+
+    async fn fetch_weights(
+        &self,
+        _req: Request<FetchWeightsRequest>,
+    ) -> Result<Response<Self::FetchWeightsStream>, Status> {
+        let chunks = self.chunks.clone();
+        let stream = tokio_stream::iter((0..chunks.len()).map(move |i| {
+            Ok(WeightChunk {
+                index: i as u64,
+                ciphertext: chunks[i].clone(),
+            })
+        }));
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// Serves the baseline with the vault's TLS material and HTTP/2 settings (as `server::start`).
+async fn start_baseline(
+    cfg: &Config,
+    chunks: Arc<Vec<Bytes>>,
+    stop: CancellationToken,
+) -> Result<(
+    SocketAddr,
+    tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+)> {
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(
+            std::fs::read(&cfg.tls.cert)?,
+            std::fs::read(&cfg.tls.key)?,
+        ))
+        .client_ca_root(Certificate::from_pem(std::fs::read(&cfg.tls.client_ca)?))
+        .client_auth_optional(true);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let router = tonic::transport::Server::builder()
+        .tls_config(tls)?
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .add_service(
+            NodeServiceServer::new(Baseline { chunks }).max_encoding_message_size(MAX_MESSAGE),
+        );
+    let task = tokio::spawn(async move {
+        router
+            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+            .await
+    });
+    Ok((addr, task))
+}
+
+/// Discards plaintext, counting it; notes when the first file begins (end of challenge, attest
+/// and grant) so the stream can be timed on its own.
+#[derive(Default)]
+struct CountingSink {
+    bytes: u64,
+    began: Option<Instant>,
+}
+
+impl WeightSink for CountingSink {
+    fn begin_file(&mut self, _path: &str, _size: u64) -> Result<(), ClientError> {
+        self.began.get_or_insert_with(Instant::now);
+        Ok(())
+    }
+
+    fn write(&mut self, plaintext: &[u8]) -> Result<(), ClientError> {
+        self.bytes += std::hint::black_box(plaintext).len() as u64;
+        Ok(())
+    }
+
+    fn end_file(&mut self) -> Result<(), ClientError> {
+        Ok(())
+    }
+
+    fn commit(&mut self) -> Result<(), ClientError> {
+        Ok(())
+    }
+
+    fn abort(&mut self) {}
+}
+
+/// One timed transfer.
+#[derive(Clone, Copy)]
+struct Sample {
+    bytes: u64,
+    secs: f64,
+    /// B only: seconds of challenge + attest + grant before the stream starts.
+    setup_secs: Option<f64>,
+}
+
+impl Sample {
+    fn gbps(&self) -> f64 {
+        self.bytes as f64 / self.secs / 1e9
+    }
+
+    /// Throughput of the stream alone (B without its setup round trips).
+    fn stream_gbps(&self) -> f64 {
+        self.bytes as f64 / (self.secs - self.setup_secs.unwrap_or(0.0)) / 1e9
+    }
+}
+
+/// (A) Drains the baseline stream over a fresh connection (connect not timed).
+async fn run_baseline(ep: &Endpoint, expect: u64) -> Result<Sample> {
+    let channel = ep.connect().await?;
+    let mut client = NodeServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE);
+    let start = Instant::now();
+    let mut stream = client
+        .fetch_weights(FetchWeightsRequest::default())
+        .await?
+        .into_inner();
+    let mut bytes = 0u64;
+    while let Some(chunk) = stream.message().await? {
+        bytes += chunk.ciphertext.len() as u64;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    if bytes != expect {
+        bail!("baseline streamed {bytes} bytes, expected {expect}");
+    }
+    Ok(Sample {
+        bytes,
+        secs,
+        setup_secs: None,
+    })
+}
+
+/// (B) The whole node fetch over a fresh connection (connect not timed).
+async fn run_real(ep: &Endpoint, attester: &SimAttester, expect: u64) -> Result<Sample> {
+    let channel = ep.connect().await?;
+    let mut client = NodeClient::new(channel);
+    let mut sink = CountingSink::default();
+    let start = Instant::now();
+    let report = client
+        .fetch(
+            MODEL,
+            &FetchOptions::default(),
+            attester,
+            &mut sink,
+            &mut |_, _| {},
+        )
+        .await?;
+    let secs = start.elapsed().as_secs_f64();
+    if report.bytes != expect || sink.bytes != expect {
+        bail!(
+            "fetch delivered {} bytes (report {}), expected {expect}",
+            sink.bytes,
+            report.bytes
+        );
+    }
+    let setup = sink.began.map(|t| t.duration_since(start).as_secs_f64());
+    Ok(Sample {
+        bytes: sink.bytes,
+        secs,
+        setup_secs: setup,
+    })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+async fn run(bytes: u64, rounds: usize) -> Result<()> {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!("weightvault fetch bench");
+    println!(
+        "  cores: {cores} (tokio multi-thread runtime, {cores} workers; server and client share it)"
+    );
+    println!("  cpu:   {}", cpu_model());
+
+    let tmp = tempfile::tempdir()?;
+    let dev_dir = tmp.path().join("vault");
+    let (config_path, _) = dev::ensure(&dev_dir)?;
+    let cfg = Config::load(&config_path)?;
+    let chunk_size = cfg.storage.chunk_size;
+    let chunks = bytes.div_ceil(u64::from(chunk_size));
+    let wire = bytes + chunks * TAG_LEN as u64;
+    println!(
+        "  model: {bytes} bytes ({:.2} GiB) in {chunks} chunks of {chunk_size} + {TAG_LEN} bytes; {rounds} rounds after 1 warm-up",
+        bytes as f64 / (1u64 << 30) as f64
+    );
+
+    // (B) The real vault, in-process.
+    let vault = weightvault::server::start(
+        &cfg,
+        StartOptions {
+            listen: Some("127.0.0.1:0".parse()?),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let ca_pem = std::fs::read(dev_dir.join(files::CA_CERT))?;
+    let admin_ep = Endpoint {
+        addr: vault.local_addr.to_string(),
+        ca_pem: ca_pem.clone(),
+        identity: Some((
+            std::fs::read(dev_dir.join(files::ADMIN_CERT))?,
+            std::fs::read(dev_dir.join(files::ADMIN_KEY))?,
+        )),
+    };
+    let node_ep = Endpoint {
+        identity: None,
+        ..admin_ep.clone()
+    };
+
+    let model_path = tmp.path().join("weights.bin");
+    let t = Instant::now();
+    write_model(&model_path, bytes)?;
+    println!(
+        "  wrote the model file in {:.2} s",
+        t.elapsed().as_secs_f64()
+    );
+    let mut admin = AdminClient::new(admin_ep.connect().await?);
+    let t = Instant::now();
+    let pushed = admin
+        .push(MODEL, collect_files(&model_path)?, |_| {})
+        .await?;
+    println!(
+        "  pushed {MODEL} version {} in {:.2} s (seal + fsync)",
+        pushed.version,
+        t.elapsed().as_secs_f64()
+    );
+    std::fs::remove_file(&model_path)?;
+    let measurement = MEASUREMENT_BYTE.repeat(48);
+    admin.allow(MODEL, "sim", &measurement).await?;
+    let attester = SimAttester::new(
+        &std::fs::read(dev_dir.join(files::SIM_KEY))?,
+        &measurement,
+        "bench-node",
+    )?;
+
+    // (A) The baseline, with the same TLS identity and HTTP/2 settings.
+    let stop = CancellationToken::new();
+    let (base_addr, base_task) = start_baseline(
+        &cfg,
+        Arc::new(baseline_chunks(bytes, chunk_size)),
+        stop.clone(),
+    )
+    .await?;
+    let base_ep = Endpoint {
+        addr: base_addr.to_string(),
+        ..node_ep.clone()
+    };
+
+    let warm_a = run_baseline(&base_ep, wire).await?;
+    let warm_b = run_real(&node_ep, &attester, bytes).await?;
+    println!(
+        "  warm-up: A {:.3} s ({:.2} GB/s), B {:.3} s ({:.2} GB/s)",
+        warm_a.secs,
+        warm_a.gbps(),
+        warm_b.secs,
+        warm_b.gbps()
+    );
+
+    let mut a = Vec::with_capacity(rounds);
+    let mut b = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        a.push(run_baseline(&base_ep, wire).await?);
+        // Let the vault's post-stream bookkeeping (bytes served, fetch-end audit entry) settle.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        b.push(run_real(&node_ep, &attester, bytes).await?);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    println!();
+    println!("A = bare tonic stream of the same chunks (ciphertext bytes, chunk_size + 16 each)");
+    println!(
+        "B = NodeClient::fetch: challenge + attest + grant + stream + decrypt (plaintext bytes)"
+    );
+    println!("ratio = A seconds / B seconds (both move the same bytes on the wire)");
+    println!();
+    println!(
+        "{:<7} {:>12} {:>9} {:>8} {:>12} {:>9} {:>8} {:>9} {:>10} {:>7}",
+        "round",
+        "A bytes",
+        "A s",
+        "A GB/s",
+        "B bytes",
+        "B s",
+        "B GB/s",
+        "B setup s",
+        "B strm GB/s",
+        "ratio"
+    );
+    for (i, (sa, sb)) in a.iter().zip(&b).enumerate() {
+        println!(
+            "{:<7} {:>12} {:>9.3} {:>8.2} {:>12} {:>9.3} {:>8.2} {:>9.4} {:>10.2} {:>7.3}",
+            i + 1,
+            sa.bytes,
+            sa.secs,
+            sa.gbps(),
+            sb.bytes,
+            sb.secs,
+            sb.gbps(),
+            sb.setup_secs.unwrap_or(f64::NAN),
+            sb.stream_gbps(),
+            sa.secs / sb.secs
+        );
+    }
+    let med_a = median(a.iter().map(|s| s.secs).collect());
+    let med_b = median(b.iter().map(|s| s.secs).collect());
+    let med_setup = median(b.iter().filter_map(|s| s.setup_secs).collect());
+    println!(
+        "{:<7} {:>12} {:>9.3} {:>8.2} {:>12} {:>9.3} {:>8.2} {:>9.4} {:>10.2} {:>7.3}",
+        "median",
+        wire,
+        med_a,
+        wire as f64 / med_a / 1e9,
+        bytes,
+        med_b,
+        bytes as f64 / med_b / 1e9,
+        med_setup,
+        bytes as f64 / (med_b - med_setup) / 1e9,
+        med_a / med_b
+    );
+    println!();
+    println!(
+        "median ratio B/A = {:.3} (goal >= 0.7); per-round: [{}]",
+        med_a / med_b,
+        a.iter()
+            .zip(&b)
+            .map(|(sa, sb)| format!("{:.3}", sa.secs / sb.secs))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+
+    stop.cancel();
+    base_task.await??;
+    vault.shutdown().await?;
+    Ok(())
+}

@@ -1,0 +1,207 @@
+//! Shared test harness: a real vault on 127.0.0.1:0 from a dev data directory, with a clock the
+//! test controls, and clients for each role.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use weightvault::attest::sim::{SimReport, SimSigner};
+use weightvault::client::node::{Attester, NodeClient};
+use weightvault::client::{ClientError, Endpoint};
+use weightvault::config::Config;
+use weightvault::config::dev::{self, files};
+use weightvault::server::{self, RunningServer, StartOptions};
+use weightvault::time::{Clock, ManualClock, SystemClock};
+
+pub const MEASUREMENT: &str = "5e11ab1e5e11ab1e5e11ab1e5e11ab1e5e11ab1e5e11ab1e5e11ab1e5e11ab1e";
+
+pub struct Vault {
+    pub dir: PathBuf,
+    pub clock: ManualClock,
+    pub server: Option<RunningServer>,
+    pub cfg: Config,
+}
+
+impl Vault {
+    /// A vault in `dir` (created on first use) with 64 KiB chunks so small files span chunks.
+    pub async fn start(dir: &Path) -> Vault {
+        Self::start_with_clock(dir, ManualClock::new(SystemClock.now_ms())).await
+    }
+
+    pub async fn start_with_clock(dir: &Path, clock: ManualClock) -> Vault {
+        let (path, _) = dev::ensure(dir).expect("dev setup");
+        let mut cfg = Config::load(&path).expect("config");
+        cfg.storage.chunk_size = 64 * 1024;
+        let server = server::start(
+            &cfg,
+            StartOptions {
+                clock: Arc::new(clock.clone()),
+                listen: Some("127.0.0.1:0".parse().unwrap()),
+            },
+        )
+        .await
+        .expect("server starts");
+        Vault {
+            dir: dir.to_path_buf(),
+            clock,
+            server: Some(server),
+            cfg,
+        }
+    }
+
+    pub fn addr(&self) -> String {
+        self.server.as_ref().unwrap().local_addr.to_string()
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown().await.expect("clean shutdown");
+        }
+    }
+
+    fn endpoint(&self, cert: Option<(&str, &str)>) -> Endpoint {
+        Endpoint::from_files(
+            &self.addr(),
+            &self.dir.join(files::CA_CERT),
+            cert.map(|c| self.dir.join(c.0)).as_deref(),
+            cert.map(|c| self.dir.join(c.1)).as_deref(),
+        )
+        .unwrap()
+    }
+
+    pub async fn channel(&self, cert: Option<(&str, &str)>) -> tonic::transport::Channel {
+        self.endpoint(cert).connect().await.expect("connect")
+    }
+
+    pub async fn admin(&self) -> weightvault::client::admin::AdminClient {
+        weightvault::client::admin::AdminClient::new(
+            self.channel(Some((files::ADMIN_CERT, files::ADMIN_KEY)))
+                .await,
+        )
+    }
+
+    pub async fn auditor(&self) -> weightvault::client::audit::AuditClient {
+        weightvault::client::audit::AuditClient::new(
+            self.channel(Some((files::AUDITOR_CERT, files::AUDITOR_KEY)))
+                .await,
+        )
+    }
+
+    pub async fn node(&self) -> NodeClient {
+        NodeClient::new(self.channel(None).await)
+    }
+
+    pub fn sim_key(&self) -> Vec<u8> {
+        std::fs::read(self.dir.join(files::SIM_KEY)).unwrap()
+    }
+
+    pub fn attester(&self, measurement: &str) -> TestAttester {
+        TestAttester {
+            signer: SimSigner::from_pkcs8(&self.sim_key()).unwrap(),
+            measurement: measurement.to_string(),
+            clock: self.clock.clone(),
+            instance: "test-node".into(),
+        }
+    }
+
+    /// Every audit entry, parsed.
+    pub async fn audit_entries(&self) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        self.auditor()
+            .await
+            .entries(0, 0, |_, e| {
+                out.push(serde_json::from_slice(e).unwrap());
+                Ok(())
+            })
+            .await
+            .unwrap();
+        out
+    }
+
+    pub async fn push_dir(&self, model: &str, dir: &Path) -> u64 {
+        let files = weightvault::client::collect_files(dir).unwrap();
+        self.admin()
+            .await
+            .push(model, files, |_| {})
+            .await
+            .unwrap()
+            .version
+    }
+}
+
+impl Drop for Vault {
+    fn drop(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown_token().cancel();
+        }
+    }
+}
+
+/// Sim evidence stamped with the test's clock.
+pub struct TestAttester {
+    pub signer: SimSigner,
+    pub measurement: String,
+    pub clock: ManualClock,
+    pub instance: String,
+}
+
+impl Attester for TestAttester {
+    fn tee(&self) -> &str {
+        "sim"
+    }
+
+    fn evidence(&self, report_data: &[u8; 64]) -> Result<Vec<u8>, ClientError> {
+        Ok(self.signer.sign(&SimReport {
+            measurement: self.measurement.clone(),
+            report_data: hex::encode(report_data),
+            instance_id: self.instance.clone(),
+            debug: false,
+            issued_ms: self.clock.now_ms(),
+        }))
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so files are not trivially compressible.
+pub fn bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A model directory: a multi-chunk shard, a small JSON file, an empty file in a subdirectory.
+pub fn model_dir(root: &Path) -> PathBuf {
+    let dir = root.join("model-src");
+    std::fs::create_dir_all(dir.join("tokenizer")).unwrap();
+    std::fs::write(dir.join("model-00001.safetensors"), bytes(300_000, 7)).unwrap();
+    std::fs::write(dir.join("config.json"), b"{\"layers\": 2}\n").unwrap();
+    std::fs::write(dir.join("tokenizer/empty.txt"), b"").unwrap();
+    dir
+}
+
+/// Asserts two directory trees hold the same files with the same bytes.
+pub fn assert_same_tree(a: &Path, b: &Path) {
+    let list = |root: &Path| {
+        let mut v: Vec<(String, Vec<u8>)> = weightvault::client::collect_files(root)
+            .unwrap()
+            .into_iter()
+            .map(|(rel, p, _)| (rel, std::fs::read(p).unwrap()))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(list(a), list(b));
+}
+
+/// The entries with a given action.
+pub fn with_action<'a>(
+    entries: &'a [serde_json::Value],
+    action: &str,
+) -> Vec<&'a serde_json::Value> {
+    entries.iter().filter(|e| e["action"] == action).collect()
+}
