@@ -2,7 +2,10 @@
 //! makes entries durable in order (group commit) and hands out [`sequencer::AuditDurable`], the
 //! proof a grant needs. The Merkle tree, checkpoints and proofs build on this sequence.
 
+pub mod checkpoint;
 pub mod entry;
+pub mod merkle;
+pub mod note;
 pub mod sequencer;
 
 pub use entry::{Action, Actor, AuditEntry, Decision};
