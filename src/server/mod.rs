@@ -36,6 +36,8 @@ use crate::time::SharedClock;
 pub const STREAM_WINDOW: u32 = 16 * 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
 pub const MAX_FRAME: u32 = 16 * 1024 * 1024 - 1;
+/// How long a shutdown waits for in-flight calls.
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
 /// Largest gRPC message either side accepts: a 64 MiB chunk plus framing.
 pub const MAX_MESSAGE: usize = 64 * 1024 * 1024 + 64 * 1024;
 
@@ -113,11 +115,24 @@ impl RunningServer {
         self.wait().await
     }
 
-    /// Waits for the server to end (after a shutdown signal or a fatal error).
-    pub async fn wait(self) -> Result<(), ServerError> {
-        match self.task.await {
+    /// Waits for the server to end: after a shutdown signal, in-flight calls get up to
+    /// [`DRAIN_DEADLINE`] to finish before the server is stopped regardless.
+    pub async fn wait(mut self) -> Result<(), ServerError> {
+        let joined = |r: Result<Result<(), ServerError>, tokio::task::JoinError>| match r {
             Ok(r) => r,
             Err(e) => Err(ServerError::Tls(format!("server task failed: {e}"))),
+        };
+        tokio::select! {
+            r = &mut self.task => return joined(r),
+            _ = self.shutdown.cancelled() => {}
+        }
+        match tokio::time::timeout(DRAIN_DEADLINE, &mut self.task).await {
+            Ok(r) => joined(r),
+            Err(_) => {
+                tracing::warn!("connections still open after the drain deadline; stopping anyway");
+                self.task.abort();
+                Ok(())
+            }
         }
     }
 
