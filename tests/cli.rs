@@ -44,7 +44,11 @@ fn serve(dir: &Path) -> Server {
     }
     // Keep draining stdout so the server never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
-    assert_eq!(env.len(), 4, "serve --dev prints the four WEIGHTVAULT_* variables");
+    assert_eq!(
+        env.len(),
+        4,
+        "serve --dev prints the four WEIGHTVAULT_* variables"
+    );
     Server {
         child,
         env,
@@ -72,14 +76,21 @@ impl Server {
 
     fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args);
-        assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     }
 
     fn auditor(&self) -> Vec<(&'static str, PathBuf)> {
         vec![
             ("WEIGHTVAULT_CLIENT_CERT", self.dir.join("tls/auditor.pem")),
-            ("WEIGHTVAULT_CLIENT_KEY", self.dir.join("tls/auditor-key.pem")),
+            (
+                "WEIGHTVAULT_CLIENT_KEY",
+                self.dir.join("tls/auditor-key.pem"),
+            ),
         ]
     }
 }
@@ -94,7 +105,9 @@ fn quickstart_push_allow_fetch_audit() {
     let data = tmp.path().join("data");
     let src = tmp.path().join("src");
     std::fs::create_dir_all(src.join("tok")).unwrap();
-    let weights: Vec<u8> = (0..5_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let weights: Vec<u8> = (0..5_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     std::fs::write(src.join("model.safetensors"), &weights).unwrap();
     std::fs::write(src.join("config.json"), b"{}").unwrap();
     std::fs::write(src.join("tok/tokenizer.json"), b"{\"v\":1}").unwrap();
@@ -103,41 +116,93 @@ fn quickstart_push_allow_fetch_audit() {
     let out = s.ok(&["model", "push", "demo", src.to_str().unwrap()]);
     assert_eq!(out.trim(), "pushed demo@1: 3 files, 5000009 bytes");
     let out = s.ok(&["model", "list"]);
-    assert!(out.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["demo", "1", "1"]), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["demo", "1", "1"]),
+        "{out}"
+    );
     let out = s.ok(&["model", "show", "demo"]);
     assert!(out.contains("version 1: 5000009 bytes in 3 files"), "{out}");
     assert!(out.contains("tok/tokenizer.json"), "{out}");
-    let json: serde_json::Value = serde_json::from_str(&s.ok(&["model", "show", "demo", "--json"])).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&s.ok(&["model", "show", "demo", "--json"])).unwrap();
     assert_eq!(json["versions"][0]["files"].as_array().unwrap().len(), 3);
 
-    let out = s.ok(&["access", "allow", "demo", "--tee", "sim", "--measurement", MEASUREMENT]);
+    let out = s.ok(&[
+        "access",
+        "allow",
+        "demo",
+        "--tee",
+        "sim",
+        "--measurement",
+        MEASUREMENT,
+    ]);
     assert!(out.starts_with("allowed sim measurement"), "{out}");
     assert!(s.ok(&["access", "list"]).contains(MEASUREMENT));
 
     let dest = tmp.path().join("fetched");
     let key = data.join("sim-tee.key");
     let out = s.ok(&[
-        "node", "fetch", "demo@1", "--out", dest.to_str().unwrap(), "--tee", "sim",
-        "--sim-measurement", MEASUREMENT, "--sim-key", key.to_str().unwrap(), "--verify-digest",
+        "node",
+        "fetch",
+        "demo@1",
+        "--out",
+        dest.to_str().unwrap(),
+        "--tee",
+        "sim",
+        "--sim-measurement",
+        MEASUREMENT,
+        "--sim-key",
+        key.to_str().unwrap(),
+        "--verify-digest",
     ]);
-    assert!(out.starts_with("fetched demo@1: 3 files, 5000009 bytes"), "{out}");
-    assert_eq!(std::fs::read(dest.join("model.safetensors")).unwrap(), weights);
-    assert_eq!(std::fs::read(dest.join("tok/tokenizer.json")).unwrap(), b"{\"v\":1}");
+    assert!(
+        out.starts_with("fetched demo@1: 3 files, 5000009 bytes"),
+        "{out}"
+    );
+    assert_eq!(
+        std::fs::read(dest.join("model.safetensors")).unwrap(),
+        weights
+    );
+    assert_eq!(
+        std::fs::read(dest.join("tok/tokenizer.json")).unwrap(),
+        b"{\"v\":1}"
+    );
 
     // A measurement that is not allowed: PERMISSION_DENIED, short reason, nothing written.
     let denied = tmp.path().join("denied");
     let o = s.run(&[
-        "node", "fetch", "demo", "--out", denied.to_str().unwrap(), "--tee", "sim",
-        "--sim-measurement", "bad0", "--data-dir", data.to_str().unwrap(),
+        "node",
+        "fetch",
+        "demo",
+        "--out",
+        denied.to_str().unwrap(),
+        "--tee",
+        "sim",
+        "--sim-measurement",
+        "bad0",
+        "--data-dir",
+        data.to_str().unwrap(),
     ]);
     assert!(!o.status.success());
     let err = stderr(&o);
-    assert!(err.starts_with("error: PERMISSION_DENIED: access denied: no access rule allows sim measurement bad0"), "{err}");
+    assert!(
+        err.starts_with(
+            "error: PERMISSION_DENIED: access denied: no access rule allows sim measurement bad0"
+        ),
+        "{err}"
+    );
     assert_eq!(err.lines().count(), 1, "one line, no inner causes: {err}");
     assert!(!denied.exists());
 
     // The auditor sees every step as JSON lines.
-    let o = s.run_env(&["audit", "entries"], &s.auditor().iter().map(|(k, v)| (*k, v.clone())).collect::<Vec<_>>());
+    let o = s.run_env(
+        &["audit", "entries"],
+        &s.auditor()
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect::<Vec<_>>(),
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let entries: Vec<serde_json::Value> = String::from_utf8(o.stdout)
         .unwrap()
@@ -147,11 +212,26 @@ fn quickstart_push_allow_fetch_audit() {
     for (i, e) in entries.iter().enumerate() {
         assert_eq!(e["index"], i as u64);
     }
-    let actions: Vec<&str> = entries.iter().map(|e| e["entry"]["action"].as_str().unwrap()).collect();
-    for a in ["push", "access_allow", "challenge", "attest", "grant", "fetch_start", "fetch_end"] {
+    let actions: Vec<&str> = entries
+        .iter()
+        .map(|e| e["entry"]["action"].as_str().unwrap())
+        .collect();
+    for a in [
+        "push",
+        "access_allow",
+        "challenge",
+        "attest",
+        "grant",
+        "fetch_start",
+        "fetch_end",
+    ] {
         assert!(actions.contains(&a), "{a} missing from {actions:?}");
     }
-    assert!(entries.iter().any(|e| e["entry"]["action"] == "grant" && e["entry"]["decision"] == "deny"));
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["entry"]["action"] == "grant" && e["entry"]["decision"] == "deny")
+    );
     // The admin certificate cannot read the log.
     let o = s.run(&["audit", "entries"]);
     assert!(stderr(&o).contains("PERMISSION_DENIED"), "{}", stderr(&o));
@@ -165,8 +245,17 @@ fn push_refuses_bad_paths_before_sending_anything() {
     std::fs::create_dir(&empty).unwrap();
     let o = s.run(&["model", "push", "m", empty.to_str().unwrap()]);
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("directory has no regular files to push"), "{}", stderr(&o));
-    let o = s.run(&["model", "push", "m", tmp.path().join("missing").to_str().unwrap()]);
+    assert!(
+        stderr(&o).contains("directory has no regular files to push"),
+        "{}",
+        stderr(&o)
+    );
+    let o = s.run(&[
+        "model",
+        "push",
+        "m",
+        tmp.path().join("missing").to_str().unwrap(),
+    ]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("No such file"), "{}", stderr(&o));
     #[cfg(unix)]
@@ -185,19 +274,41 @@ fn push_refuses_bad_paths_before_sending_anything() {
     }
     let out = s.ok(&["model", "list"]);
     assert!(out.starts_with("no models"), "{out}");
-    let o = s.run(&["node", "fetch", "m@zero", "--out", "x", "--tee", "sim", "--sim-measurement", "00"]);
-    assert!(stderr(&o).contains("version after @ must be a positive integer"), "{}", stderr(&o));
+    let o = s.run(&[
+        "node",
+        "fetch",
+        "m@zero",
+        "--out",
+        "x",
+        "--tee",
+        "sim",
+        "--sim-measurement",
+        "00",
+    ]);
+    assert!(
+        stderr(&o).contains("version after @ must be a positive integer"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]
 fn serve_refuses_to_start_without_config_or_dev() {
     let o = Command::new(BIN).arg("serve").output().unwrap();
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("refusing to start without a configuration"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("refusing to start without a configuration"),
+        "{}",
+        stderr(&o)
+    );
     let tmp = tempfile::tempdir().unwrap();
     let cfg = tmp.path().join("bad.toml");
     std::fs::write(&cfg, "listen = \"127.0.0.1:0\"\nsurprise = true\n").unwrap();
-    let o = Command::new(BIN).args(["serve", "--config"]).arg(&cfg).output().unwrap();
+    let o = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
     assert!(!o.status.success());
     assert!(stderr(&o).contains("surprise"), "{}", stderr(&o));
 }
@@ -210,12 +321,32 @@ fn attest_verify_offline() {
     let rd = "ab".repeat(64);
     let ev = tmp.path().join("ev.json");
     let key = data.join("sim-tee.key");
-    s.ok(&["attest", "sim-evidence", "--measurement", MEASUREMENT, "--report-data", &rd,
-        "--sim-key", key.to_str().unwrap(), "--out", ev.to_str().unwrap()]);
+    s.ok(&[
+        "attest",
+        "sim-evidence",
+        "--measurement",
+        MEASUREMENT,
+        "--report-data",
+        &rd,
+        "--sim-key",
+        key.to_str().unwrap(),
+        "--out",
+        ev.to_str().unwrap(),
+    ]);
     let cfg = data.join("weightvault.toml");
     let verify = |rd: &str| {
-        s.run(&["attest", "verify", "--tee", "sim", "--evidence", ev.to_str().unwrap(),
-            "--report-data", rd, "--config", cfg.to_str().unwrap()])
+        s.run(&[
+            "attest",
+            "verify",
+            "--tee",
+            "sim",
+            "--evidence",
+            ev.to_str().unwrap(),
+            "--report-data",
+            rd,
+            "--config",
+            cfg.to_str().unwrap(),
+        ])
     };
     let o = verify(&rd);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -224,13 +355,37 @@ fn attest_verify_offline() {
     assert_eq!(claims["simulated"], true);
     let o = verify(&"cd".repeat(64));
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("report data does not bind"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("report data does not bind"),
+        "{}",
+        stderr(&o)
+    );
     // Another trusted key: the signature does not verify.
-    let o = s.run(&["attest", "verify", "--tee", "sim", "--evidence", ev.to_str().unwrap(),
-        "--report-data", &rd, "--trusted-key", &"11".repeat(32)]);
+    let o = s.run(&[
+        "attest",
+        "verify",
+        "--tee",
+        "sim",
+        "--evidence",
+        ev.to_str().unwrap(),
+        "--report-data",
+        &rd,
+        "--trusted-key",
+        &"11".repeat(32),
+    ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("signature"), "{}", stderr(&o));
-    let o = s.run(&["attest", "verify", "--tee", "sim", "--evidence", ev.to_str().unwrap(),
-        "--report-data", "zz", "--config", cfg.to_str().unwrap()]);
+    let o = s.run(&[
+        "attest",
+        "verify",
+        "--tee",
+        "sim",
+        "--evidence",
+        ev.to_str().unwrap(),
+        "--report-data",
+        "zz",
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
     assert!(stderr(&o).contains("64 bytes of hex"), "{}", stderr(&o));
 }
