@@ -21,6 +21,10 @@ pub enum Action {
     Push,
     AccessAllow,
     KeyCreate,
+    /// Written when the log has been quiet for a while, so a quiet period is told from a gap.
+    Heartbeat,
+    /// The vault stopped serving (graceful shutdown).
+    ServerStop,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,6 +97,15 @@ pub struct AuditEntry {
     pub measurement: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub evidence_sha256: Option<String>,
+    /// Attest entries: the challenge nonce and the node's X25519 key (hex), so an auditor can
+    /// recompute the report data and re-verify the stored evidence.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub nonce: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub node_key: Option<String>,
+    /// Grant entries: when the grant expires.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub not_after_ms: Option<UnixMs>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub file: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -127,6 +140,9 @@ impl AuditEntry {
             simulated: None,
             measurement: None,
             evidence_sha256: None,
+            nonce: None,
+            node_key: None,
+            not_after_ms: None,
             file: None,
             bytes: None,
             reason: None,

@@ -29,6 +29,42 @@ pub struct Config {
     pub grants: GrantsConfig,
     #[serde(default)]
     pub storage: StorageConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
+}
+
+/// The audit log's checkpoints and heartbeats.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Checkpoint origin (C2SP tlog-checkpoint), also the signed-note key name. Default:
+    /// "weightvault/" followed by 16 hex digits of the log key's SHA-256.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+    /// How often a new checkpoint is signed while entries arrive, in milliseconds.
+    #[serde(default = "default_checkpoint_ms")]
+    pub checkpoint_interval_ms: u64,
+    /// A heartbeat entry is written after this many seconds without entries.
+    #[serde(default = "default_heartbeat_secs")]
+    pub heartbeat_secs: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            origin: None,
+            checkpoint_interval_ms: default_checkpoint_ms(),
+            heartbeat_secs: default_heartbeat_secs(),
+        }
+    }
+}
+
+fn default_checkpoint_ms() -> u64 {
+    1000
+}
+
+fn default_heartbeat_secs() -> u64 {
+    60
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -230,6 +266,25 @@ impl Config {
             p.push(format!(
                 "storage.chunk_size: {} is outside 4096..=67108864",
                 self.storage.chunk_size
+            ));
+        }
+        if let Some(o) = &self.audit.origin {
+            if o.is_empty() || o.chars().any(|c| c.is_whitespace() || c == '+') || o.len() > 256 {
+                p.push(format!(
+                    "audit.origin: {o:?} must be 1-256 characters without spaces or '+'"
+                ));
+            }
+        }
+        if !(100..=60_000).contains(&self.audit.checkpoint_interval_ms) {
+            p.push(format!(
+                "audit.checkpoint_interval_ms: {} is outside 100..=60000",
+                self.audit.checkpoint_interval_ms
+            ));
+        }
+        if !(1..=86_400).contains(&self.audit.heartbeat_secs) {
+            p.push(format!(
+                "audit.heartbeat_secs: {} is outside 1..=86400",
+                self.audit.heartbeat_secs
             ));
         }
         p

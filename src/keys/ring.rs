@@ -12,6 +12,7 @@ use crate::store::{KekRecord, MetadataStore, StoreError};
 use crate::time::UnixMs;
 
 const SIGNING_KEY_NAME: &str = "vault-signing-key/v1";
+const LOG_KEY_NAME: &str = "log-signing-key/v1";
 
 fn kek_aad(version: u32) -> Vec<u8> {
     let mut aad = b"weightvault/kek/v1".to_vec();
@@ -34,12 +35,14 @@ fn dek_aad(kek_version: u32, model: &str, version_id: &[u8; 16]) -> Vec<u8> {
 pub struct Created {
     pub kek_version: Option<u32>,
     pub signing_key: bool,
+    pub log_key: bool,
 }
 
 pub struct KeyRing {
     keks: BTreeMap<u32, Kek>,
     active: u32,
     signing: Ed25519KeyPair,
+    log: Option<Ed25519KeyPair>,
 }
 
 impl KeyRing {
@@ -74,29 +77,16 @@ impl KeyRing {
         }
         let active = *keks.keys().next_back().expect("at least one KEK");
 
-        let signing_aad = b"weightvault/signing-key/v1".as_slice();
-        let wrapped = match store.get_wrapped_secret(SIGNING_KEY_NAME).await? {
-            Some(w) => w,
-            None => {
-                let rng = aws_lc_rs::rand::SystemRandom::new();
-                let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|_| KeyError::Rng)?;
-                let w = wrap::wrap(root.expose_secret(), pkcs8.as_ref(), signing_aad)?;
-                created.signing_key = store
-                    .put_wrapped_secret_if_absent(SIGNING_KEY_NAME, &w)
-                    .await?;
-                store
-                    .get_wrapped_secret(SIGNING_KEY_NAME)
-                    .await?
-                    .ok_or(KeyError::UnwrapFailed)?
-            }
-        };
-        let pkcs8 = wrap::unwrap(root.expose_secret(), &wrapped, signing_aad)?;
-        let signing = Ed25519KeyPair::from_pkcs8(&pkcs8).map_err(|_| KeyError::UnwrapFailed)?;
+        let (signing, new_signing) = ed25519_key(root, store, SIGNING_KEY_NAME).await?;
+        let (log, new_log) = ed25519_key(root, store, LOG_KEY_NAME).await?;
+        created.signing_key = new_signing;
+        created.log_key = new_log;
         Ok((
             Self {
                 keks,
                 active,
                 signing,
+                log: Some(log),
             },
             created,
         ))
@@ -147,11 +137,43 @@ impl KeyRing {
         &self.signing
     }
 
+    /// Hands the audit log's Ed25519 key to the sequencer (once).
+    pub fn take_log_key(&mut self) -> Option<Ed25519KeyPair> {
+        self.log.take()
+    }
+
     pub fn signing_public_key(&self) -> [u8; 32] {
         let mut out = [0u8; 32];
         out.copy_from_slice(self.signing.public_key().as_ref());
         out
     }
+}
+
+/// Loads the named Ed25519 key wrapped by the root key, creating it on first use. Returns
+/// whether it was created now. The name is bound into the wrapping.
+async fn ed25519_key(
+    root: &RootKey,
+    store: &dyn MetadataStore,
+    name: &str,
+) -> Result<(Ed25519KeyPair, bool), KeyError> {
+    let aad = format!("weightvault/ed25519/{name}");
+    let mut created = false;
+    let wrapped = match store.get_wrapped_secret(name).await? {
+        Some(w) => w,
+        None => {
+            let rng = aws_lc_rs::rand::SystemRandom::new();
+            let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|_| KeyError::Rng)?;
+            let w = wrap::wrap(root.expose_secret(), pkcs8.as_ref(), aad.as_bytes())?;
+            created = store.put_wrapped_secret_if_absent(name, &w).await?;
+            store
+                .get_wrapped_secret(name)
+                .await?
+                .ok_or(KeyError::UnwrapFailed)?
+        }
+    };
+    let pkcs8 = wrap::unwrap(root.expose_secret(), &wrapped, aad.as_bytes())?;
+    let key = Ed25519KeyPair::from_pkcs8(&pkcs8).map_err(|_| KeyError::UnwrapFailed)?;
+    Ok((key, created))
 }
 
 fn unwrap_fixed(

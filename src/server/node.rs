@@ -97,6 +97,8 @@ impl NodeApi {
                 return refuse(deny, e.reason().to_string(), e).await;
             }
         };
+        deny.nonce = Some(hex::encode(nonce));
+        deny.node_key = Some(hex::encode(node_key));
         // Single use (DESIGN.md step 1): the nonce is consumed by any attempt, good or bad.
         let expires = v
             .store
@@ -179,6 +181,8 @@ impl NodeApi {
         ok.simulated = claims.simulated.then_some(true);
         ok.measurement = Some(claims.measurement.clone());
         ok.evidence_sha256 = Some(hex::encode(evidence_sha256));
+        ok.nonce = Some(hex::encode(nonce));
+        ok.node_key = Some(hex::encode(node_key));
         ok.reason = Some(format!("instance {}", claims.instance_id));
         v.record(rid, ok).await?;
         tracing::info!(request_id = rid, tee = %tee, measurement = %claims.measurement, simulated = claims.simulated, "attestation accepted");
@@ -281,12 +285,12 @@ impl NodeApi {
         };
         entry.decision = Decision::Allow;
         entry.grant_id = Some(approval.grant_id().to_string());
+        entry.not_after_ms = Some(approval.not_after_ms());
         entry.reason = Some(format!(
-            "rule {}/{}/{}; not_after_ms {}",
+            "rule {}/{}/{}",
             approval.rule().model,
             approval.rule().tee,
             approval.rule().measurement,
-            approval.not_after_ms()
         ));
         // Log before release: the grant exists for the node only once this entry is durable.
         let durable = v.record(rid, entry).await?;

@@ -90,6 +90,16 @@ pub struct GrantRecord {
     pub bytes_served: u64,
 }
 
+/// A signed checkpoint of the audit log: the tree `root` over its first `size` entries, and the
+/// C2SP signed note that commits to it.
+#[derive(Debug, Clone)]
+pub struct CheckpointRecord {
+    pub size: u64,
+    pub root: [u8; 32],
+    pub note: String,
+    pub created_ms: UnixMs,
+}
+
 /// Metadata store contract.
 ///
 /// - Every method that changes state has committed durably (fsync or the backend's equivalent)
@@ -167,6 +177,13 @@ pub trait MetadataStore: Send + Sync + 'static {
     ) -> Result<Option<SessionRecord>, StoreError>;
     /// Stores evidence content-addressed by its SHA-256 (idempotent).
     async fn put_evidence(&self, sha256: &[u8; 32], evidence: &[u8]) -> Result<(), StoreError>;
+
+    async fn get_evidence(&self, sha256: &[u8; 32]) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Stores a signed checkpoint of the audit log (replacing one of the same size).
+    async fn put_checkpoint(&self, cp: &CheckpointRecord) -> Result<(), StoreError>;
+    /// The checkpoint with the largest size.
+    async fn latest_checkpoint(&self) -> Result<Option<CheckpointRecord>, StoreError>;
 
     async fn put_grant(&self, g: &GrantRecord) -> Result<(), StoreError>;
     async fn get_grant(&self, grant_id: &str) -> Result<Option<GrantRecord>, StoreError>;

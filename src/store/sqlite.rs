@@ -10,13 +10,14 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 
 use super::{
-    AccessRule, GrantRecord, KekRecord, MetadataStore, ModelSummary, SessionRecord, StoreError,
-    VersionRecord,
+    AccessRule, CheckpointRecord, GrantRecord, KekRecord, MetadataStore, ModelSummary,
+    SessionRecord, StoreError, VersionRecord,
 };
 use crate::time::UnixMs;
 
 /// Schema, applied in order; the applied count is kept in `PRAGMA user_version`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE audit_log (idx INTEGER PRIMARY KEY, entry BLOB NOT NULL);
 CREATE TABLE keks (version INTEGER PRIMARY KEY, wrapped BLOB NOT NULL, created_ms INTEGER NOT NULL);
 CREATE TABLE wrapped_secrets (name TEXT PRIMARY KEY, wrapped BLOB NOT NULL);
@@ -39,7 +40,12 @@ CREATE TABLE grants (
     version INTEGER NOT NULL, node_public_key BLOB NOT NULL, created_ms INTEGER NOT NULL,
     not_after_ms INTEGER NOT NULL, revoked INTEGER NOT NULL DEFAULT 0,
     bytes_served INTEGER NOT NULL DEFAULT 0);
-"#];
+"#,
+    r#"
+CREATE TABLE checkpoints (size INTEGER PRIMARY KEY, root BLOB NOT NULL, note TEXT NOT NULL,
+    created_ms INTEGER NOT NULL);
+"#,
+];
 
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -480,6 +486,45 @@ impl MetadataStore for SqliteStore {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    async fn get_evidence(&self, sha256: &[u8; 32]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT bytes FROM evidence WHERE sha256 = ?")
+                .bind(sha256.as_slice())
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    async fn put_checkpoint(&self, cp: &CheckpointRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT OR REPLACE INTO checkpoints (size, root, note, created_ms) VALUES (?, ?, ?, ?)",
+        )
+        .bind(i(cp.size))
+        .bind(cp.root.as_slice())
+        .bind(&cp.note)
+        .bind(i(cp.created_ms))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn latest_checkpoint(&self) -> Result<Option<CheckpointRecord>, StoreError> {
+        let row = sqlx::query(
+            "SELECT size, root, note, created_ms FROM checkpoints ORDER BY size DESC LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| {
+            Ok(CheckpointRecord {
+                size: u(r.try_get("size")?),
+                root: fixed(r.try_get("root")?, "checkpoint root")?,
+                note: r.try_get("note")?,
+                created_ms: u(r.try_get("created_ms")?),
+            })
+        })
+        .transpose()
     }
 
     async fn put_grant(&self, g: &GrantRecord) -> Result<(), StoreError> {
