@@ -82,6 +82,7 @@ pub async fn run(cmd: AttestCmd) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("reading evidence {}", evidence.display()))?;
             let verifier: Box<dyn Verifier> = match tee {
                 TeeKind::Sim => {
+                    let mut max_age_ms = DEFAULT_MAX_AGE_MS;
                     let keys: Vec<[u8; 32]> = if !trusted_key.is_empty() {
                         trusted_key
                             .iter()
@@ -99,11 +100,12 @@ pub async fn run(cmd: AttestCmd) -> anyhow::Result<ExitCode> {
                     } else {
                         let path = config
                             .unwrap_or_else(|| dev::default_data_dir().join(dev::CONFIG_FILE));
-                        Config::load(&path)
-                            .with_context(|| "no --trusted-key given; tried the vault config")?
-                            .sim_trusted_keys()
+                        let cfg = Config::load(&path)
+                            .with_context(|| "no --trusted-key given; tried the vault config")?;
+                        max_age_ms = cfg.attest.sim.max_evidence_age_secs.saturating_mul(1000);
+                        cfg.sim_trusted_keys()
                     };
-                    Box::new(SimVerifier::new(keys, DEFAULT_MAX_AGE_MS))
+                    Box::new(SimVerifier::new(keys, max_age_ms))
                 }
             };
             let now = time_ms.unwrap_or_else(|| SystemClock.now_ms());

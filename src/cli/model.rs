@@ -68,6 +68,7 @@ pub async fn run(cmd: ModelCmd) -> anyhow::Result<ExitCode> {
             let models = client.list().await?;
             if models.is_empty() {
                 println!("no models");
+                return Ok(ExitCode::SUCCESS);
             }
             println!("{:<40} {:>8} {:>8}", "MODEL", "LATEST", "VERSIONS");
             for m in models {

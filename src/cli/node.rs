@@ -42,6 +42,10 @@ pub enum NodeCmd {
         /// Also check every file's SHA-256 against the signed manifest.
         #[arg(long)]
         verify_digest: bool,
+        /// Require the vault's manifest signing key (Ed25519 public key, hex) instead of
+        /// accepting the one the vault sends.
+        #[arg(long, value_name = "HEX")]
+        manifest_key: Option<String>,
         #[command(flatten)]
         conn: ConnArgs,
     },
@@ -58,8 +62,17 @@ pub async fn run(cmd: NodeCmd) -> anyhow::Result<ExitCode> {
             data_dir,
             instance_id,
             verify_digest,
+            manifest_key,
             conn,
         } => {
+            let manifest_key = manifest_key
+                .map(|k| {
+                    hex::decode(&k)
+                        .ok()
+                        .and_then(|v| <[u8; 32]>::try_from(v).ok())
+                        .ok_or_else(|| anyhow::anyhow!("--manifest-key must be 32 bytes of hex"))
+                })
+                .transpose()?;
             let (name, version) = parse_model_ref(&model)?;
             let attester = match tee.as_str() {
                 "sim" => {
@@ -96,7 +109,7 @@ pub async fn run(cmd: NodeCmd) -> anyhow::Result<ExitCode> {
             let opts = FetchOptions {
                 version,
                 verify_digest,
-                manifest_key: None,
+                manifest_key,
             };
             let b = bar.clone();
             let r = client

@@ -262,7 +262,10 @@ impl NodeClient {
         }
         let manifest = verify_manifest(&vault_key, &grant.manifest, &grant.manifest_signature)
             .map_err(|e| ClientError::Protocol(format!("manifest: {e}")))?;
-        if manifest.model != model || manifest.version != grant.version {
+        if manifest.model != model
+            || manifest.version != grant.version
+            || (opts.version != 0 && grant.version != opts.version)
+        {
             return Err(ClientError::Protocol(
                 "manifest names another model or version".into(),
             ));

@@ -230,8 +230,10 @@ impl Config {
             ("tls.key", &self.tls.key),
             ("tls.client_ca", &self.tls.client_ca),
         ] {
-            if !path.is_file() {
-                p.push(format!("{name}: {} is not a readable file", path.display()));
+            if let Err(e) = std::fs::File::open(path) {
+                p.push(format!("{name}: {}: {e}", path.display()));
+            } else if !path.is_file() {
+                p.push(format!("{name}: {} is not a file", path.display()));
             }
         }
         for (name, list) in [
@@ -255,6 +257,12 @@ impl Config {
         }
         if self.attest.sim.enabled && self.attest.sim.trusted_keys.is_empty() {
             p.push("attest.sim.enabled is true but attest.sim.trusted_keys is empty".into());
+        }
+        if !(1..=3600).contains(&self.attest.sim.max_evidence_age_secs) {
+            p.push(format!(
+                "attest.sim.max_evidence_age_secs: {} is outside 1..=3600",
+                self.attest.sim.max_evidence_age_secs
+            ));
         }
         if self.grants.ttl_secs == 0 || self.grants.ttl_secs > 24 * 3600 {
             p.push(format!(

@@ -130,8 +130,15 @@ pub enum AccessDenied {
     },
 }
 
+/// A fresh grant id: `g-` and 16 random bytes in hex.
+pub fn new_grant_id() -> Result<String, GrantError> {
+    Ok(format!("g-{}", hex::encode(random::<16>()?)))
+}
+
 /// The access decision: a rule for this model must name the session's TEE and measurement.
+/// On approval the grant gets `grant_id` and expires `grant_ttl_ms` after `now`.
 pub fn decide(
+    grant_id: String,
     session: &AttestedSession,
     model: &str,
     version: u64,
@@ -144,20 +151,13 @@ pub fn decide(
         r.model == model && r.tee == claims.tee.as_str() && r.measurement == claims.measurement
     });
     match rule {
-        Some(rule) => {
-            let id = random::<16>().map_err(|_| AccessDenied::NoMatchingRule {
-                model: model.into(),
-                tee: claims.tee.to_string(),
-                measurement: claims.measurement.clone(),
-            })?;
-            Ok(AccessApproved {
-                grant_id: format!("g-{}", hex::encode(id)),
-                model: model.to_string(),
-                version,
-                not_after_ms: now.saturating_add(grant_ttl_ms),
-                rule: rule.clone(),
-            })
-        }
+        Some(rule) => Ok(AccessApproved {
+            grant_id,
+            model: model.to_string(),
+            version,
+            not_after_ms: now.saturating_add(grant_ttl_ms),
+            rule: rule.clone(),
+        }),
         None => Err(AccessDenied::NoMatchingRule {
             model: model.to_string(),
             tee: claims.tee.to_string(),
@@ -206,4 +206,69 @@ pub fn mint(
         sealed,
         info,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attest::TeeKind;
+
+    fn session(measurement: &str) -> AttestedSession {
+        AttestedSession {
+            token_sha256: [1; 32],
+            claims: Claims {
+                tee: TeeKind::Sim,
+                measurement: measurement.into(),
+                instance_id: "n".into(),
+                debug: false,
+                evidence_time_ms: 0,
+                simulated: true,
+            },
+            node_public_key: [2; 32],
+        }
+    }
+
+    fn rule(model: &str, tee: &str, m: &str) -> AccessRule {
+        AccessRule {
+            model: model.into(),
+            tee: tee.into(),
+            measurement: m.into(),
+            created_ms: 0,
+        }
+    }
+
+    #[test]
+    fn only_a_rule_naming_model_tee_and_measurement_allows() {
+        let rules = [
+            rule("m", "sim", "aa"),
+            rule("other", "sim", "bb"),
+            rule("m", "snp", "bb"),
+        ];
+        let ok = decide("g-1".into(), &session("aa"), "m", 3, &rules, 100, 50).unwrap();
+        assert_eq!((ok.grant_id(), ok.not_after_ms()), ("g-1", 150));
+        assert_eq!(ok.rule(), &rules[0]);
+        // The measurement is allowed for another model, or for another TEE: both refused.
+        let denied = decide("g-2".into(), &session("bb"), "m", 3, &rules, 100, 50).unwrap_err();
+        assert_eq!(
+            denied.to_string(),
+            "no access rule allows sim measurement bb to read model m"
+        );
+        assert!(decide("g-3".into(), &session("aa"), "x", 1, &rules, 100, 50).is_err());
+        assert!(decide("g-4".into(), &session("aa"), "m", 1, &[], 100, 50).is_err());
+    }
+
+    #[test]
+    fn mint_requires_the_audit_entry_of_this_grant() {
+        let rules = [rule("m", "sim", "aa")];
+        let node = hpke::NodeKeyPair::generate().unwrap();
+        let mut s = session("aa");
+        s.node_public_key = *node.public_key();
+        let approval = decide("g-1".into(), &s, "m", 1, &rules, 0, 10).unwrap();
+        let wrong = AuditDurable::for_tests(7, Some("g-other".into()));
+        let dek = Dek::generate().unwrap();
+        assert!(matches!(
+            mint(s, approval, wrong, &dek, 0),
+            Err(GrantError::AuditMismatch)
+        ));
+    }
 }

@@ -74,31 +74,11 @@ impl NodeApi {
             Err::<AttestResponse, ApiError>(err)
         };
 
-        let tee: TeeKind = match req.tee.parse() {
-            Ok(t) => t,
-            Err(e) => {
-                return refuse(
-                    deny,
-                    format!("{e}"),
-                    ApiError::InvalidArgument(format!(
-                        "attestation rejected: {}",
-                        AttestError::short_reason(&e)
-                    )),
-                )
-                .await;
-            }
-        };
-        let (nonce, node_key) = match (
-            fixed::<NONCE_LEN>(&req.nonce, "nonce"),
-            fixed::<NODE_KEY_LEN>(&req.node_public_key, "node_public_key"),
-        ) {
-            (Ok(n), Ok(k)) => (n, k),
-            (Err(e), _) | (_, Err(e)) => {
-                return refuse(deny, e.reason().to_string(), e).await;
-            }
+        let nonce = match fixed::<NONCE_LEN>(&req.nonce, "nonce") {
+            Ok(n) => n,
+            Err(e) => return refuse(deny, e.reason().to_string(), e).await,
         };
         deny.nonce = Some(hex::encode(nonce));
-        deny.node_key = Some(hex::encode(node_key));
         // Single use (DESIGN.md step 1): the nonce is consumed by any attempt, good or bad.
         let expires = v
             .store
@@ -127,6 +107,28 @@ impl NodeApi {
             }
             Some(_) => {}
         }
+        let tee: TeeKind = match req.tee.parse() {
+            Ok(t) => {
+                deny.simulated = (t == TeeKind::Sim).then_some(true);
+                t
+            }
+            Err(e) => {
+                return refuse(
+                    deny,
+                    format!("{e}"),
+                    ApiError::InvalidArgument(format!(
+                        "attestation rejected: {}",
+                        AttestError::short_reason(&e)
+                    )),
+                )
+                .await;
+            }
+        };
+        let node_key = match fixed::<NODE_KEY_LEN>(&req.node_public_key, "node_public_key") {
+            Ok(k) => k,
+            Err(e) => return refuse(deny, e.reason().to_string(), e).await,
+        };
+        deny.node_key = Some(hex::encode(node_key));
         let Some(verifier) = v.verifiers.get(&tee) else {
             let e = AttestError::Disabled(tee);
             return refuse(
@@ -141,7 +143,6 @@ impl NodeApi {
             Ok(ok) => ok,
             Err(e) => {
                 tracing::info!(request_id = rid, tee = %tee, reason = %e, simulated = (tee == TeeKind::Sim), "attestation rejected");
-                deny.simulated = (tee == TeeKind::Sim).then_some(true);
                 deny.evidence_sha256 = Some(hex::encode(token_sha256(&req.evidence)));
                 let client = format!("attestation rejected: {}", e.short_reason());
                 let err = match e {
@@ -266,7 +267,9 @@ impl NodeApi {
             .await
             .map_err(|e| internal(rid, "loading rules", e))?;
         let now = v.now();
+        let grant_id = grant::new_grant_id().map_err(|e| internal(rid, "rng", e))?;
         let approval = match grant::decide(
+            grant_id,
             &session,
             &req.model,
             version.version,
@@ -292,8 +295,7 @@ impl NodeApi {
             approval.rule().tee,
             approval.rule().measurement,
         ));
-        // Log before release: the grant exists for the node only once this entry is durable.
-        let durable = v.record(rid, entry).await?;
+        // Everything that can fail is done before the entry that authorizes the grant.
         let dek = v
             .keys
             .unwrap_dek(
@@ -303,6 +305,8 @@ impl NodeApi {
                 &version.version_id,
             )
             .map_err(|e| internal(rid, "unwrapping DEK", e))?;
+        // Log before release: the grant exists for the node only once this entry is durable.
+        let durable = v.record(rid, entry).await?;
         let minted = grant::mint(session, approval, durable, &dek, now)
             .map_err(|e| internal(rid, "minting grant", e))?;
         drop(dek);
