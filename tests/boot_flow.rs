@@ -505,42 +505,66 @@ impl NowForTest for weightvault::time::ManualClock {
 }
 
 #[tokio::test]
-async fn grant_expires_mid_stream_within_one_chunk() {
+async fn grant_expiry_stops_a_running_stream() {
     let tmp = tempfile::tempdir().unwrap();
-    let v = ready(tmp.path()).await;
+    let v = Vault::start(&tmp.path().join("data")).await;
+    // 40 MB in 64 KiB chunks: far more than the HTTP/2 windows and the two queued chunks hold,
+    // so the server is still producing when the grant expires.
+    let src = tmp.path().join("big");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("w.bin"), common::bytes(40_000_000, 3)).unwrap();
+    v.push_dir("big", &src).await;
+    v.admin()
+        .await
+        .allow("big", "sim", MEASUREMENT)
+        .await
+        .unwrap();
     let mut c = raw(&v).await;
     let keys = NodeKeyPair::generate().unwrap();
     let token = attest(&mut c, &v.attester(MEASUREMENT), &keys)
         .await
         .unwrap();
-    let g = grant(&mut c, &token, "m", 0).await.unwrap();
+    let g = grant(&mut c, &token, "big", 0).await.unwrap();
     let mut s = c
         .fetch_weights(FetchWeightsRequest {
             session_token: token,
             grant_id: g.grant_id.clone(),
-            file: "model-00001.safetensors".into(),
+            file: "w.bin".into(),
             first_chunk: 0,
             end_chunk: 0,
         })
         .await
         .unwrap()
         .into_inner();
-    let first = s.message().await.unwrap().unwrap();
-    assert_eq!(first.index, 0);
+    assert_eq!(s.message().await.unwrap().unwrap().index, 0);
     v.clock
         .advance_ms(g.not_after_ms - v.clock.now_ms_for_test());
-    // At most the chunks already queued (two) arrive before the refusal.
-    let mut after = 0;
+    let mut received = 1u64;
     let err = loop {
         match s.message().await {
-            Ok(Some(_)) => after += 1,
+            Ok(Some(_)) => received += 1,
             Ok(None) => panic!("stream completed after expiry"),
             Err(e) => break e,
         }
     };
-    assert!(after <= 3, "{after} chunks after expiry");
+    let total = 40_000_000u64.div_ceil(64 * 1024);
+    assert!(received < total, "{received} of {total} chunks");
     assert_eq!(err.code(), Code::PermissionDenied);
     assert!(err.message().contains("grant expired"));
+    // The server recorded where it stopped.
+    let mut end = None;
+    for _ in 0..100 {
+        end = with_action(&v.audit_entries().await, "fetch_end")
+            .first()
+            .map(|e| (*e).clone());
+        if end.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let end = end.expect("fetch_end entry");
+    assert_eq!(end["reason"], "grant expired");
+    assert!(end["bytes"].as_u64().unwrap() < 40_000_000);
 }
 
 #[tokio::test]

@@ -53,7 +53,8 @@ async fn restart_keeps_models_rules_grants_and_log() {
         &before[..],
         "earlier entries unchanged"
     );
-    assert_eq!(after[before.len()]["action"], "server_start");
+    assert_eq!(after[before.len()]["action"], "server_stop");
+    assert_eq!(after[before.len() + 1]["action"], "server_start");
     assert!(
         !after[before.len()..]
             .iter()

@@ -6,6 +6,8 @@ pub mod checkpoint;
 pub mod entry;
 pub mod merkle;
 pub mod note;
+pub mod proof;
+pub mod replay;
 pub mod sequencer;
 
 pub use entry::{Action, Actor, AuditEntry, Decision};

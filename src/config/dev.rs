@@ -178,6 +178,7 @@ fn generate(dir: &Path, config_out: &Path) -> Result<(), String> {
         },
         seal: SealConfig::File {
             path: files::ROOT_KEY.into(),
+            create: true,
         },
         attest: AttestConfig {
             sim: SimConfig {

@@ -92,7 +92,13 @@ pub struct RolesConfig {
 #[serde(deny_unknown_fields, tag = "kind", rename_all = "snake_case")]
 pub enum SealConfig {
     /// Root key in a file (32 bytes, mode 0600). For development and tests.
-    File { path: PathBuf },
+    File {
+        path: PathBuf,
+        /// Create the key file if it is missing (what `serve --dev` sets). Off by default, so a
+        /// production vault never silently starts with a fresh, empty key hierarchy.
+        #[serde(default)]
+        create: bool,
+    },
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -218,7 +224,7 @@ impl Config {
         fix(&mut self.tls.key);
         fix(&mut self.tls.client_ca);
         match &mut self.seal {
-            SealConfig::File { path } => fix(path),
+            SealConfig::File { path, .. } => fix(path),
         }
     }
 
@@ -276,12 +282,12 @@ impl Config {
                 self.storage.chunk_size
             ));
         }
-        if let Some(o) = &self.audit.origin {
-            if o.is_empty() || o.chars().any(|c| c.is_whitespace() || c == '+') || o.len() > 256 {
-                p.push(format!(
-                    "audit.origin: {o:?} must be 1-256 characters without spaces or '+'"
-                ));
-            }
+        if let Some(o) = &self.audit.origin
+            && (o.is_empty() || o.chars().any(|c| c.is_whitespace() || c == '+') || o.len() > 256)
+        {
+            p.push(format!(
+                "audit.origin: {o:?} must be 1-256 characters without spaces or '+'"
+            ));
         }
         if !(100..=60_000).contains(&self.audit.checkpoint_interval_ms) {
             p.push(format!(

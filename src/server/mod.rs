@@ -37,17 +37,17 @@ pub const STREAM_WINDOW: u32 = 16 * 1024 * 1024;
 pub const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
 pub const MAX_FRAME: u32 = 16 * 1024 * 1024 - 1;
 /// How long a shutdown waits for in-flight calls.
-pub const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(20);
 /// Largest gRPC message either side accepts: a 64 MiB chunk plus framing.
 pub const MAX_MESSAGE: usize = 64 * 1024 * 1024 + 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("opening the store: {0}")]
+    #[error("opening the store")]
     Store(#[from] crate::store::StoreError),
-    #[error("unlocking keys: {0}")]
+    #[error("unlocking keys")]
     Keys(#[from] crate::keys::KeyError),
-    #[error("audit log: {0}")]
+    #[error("audit log")]
     Audit(#[from] crate::audit::AuditError),
     #[error("TLS material: {0}")]
     Tls(String),
@@ -56,7 +56,7 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("server: {0}")]
+    #[error("server transport")]
     Transport(#[from] tonic::transport::Error),
 }
 
@@ -96,7 +96,7 @@ impl Vault {
     }
 }
 
-/// A new request id (16 random bytes, hex).
+/// A new request id (8 random bytes, hex), returned in every error and written to the log.
 pub fn request_id() -> String {
     hex::encode(crate::grant::random::<8>().unwrap_or_default())
 }
@@ -106,6 +106,9 @@ pub struct RunningServer {
     pub local_addr: SocketAddr,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), ServerError>>,
+    audit: Sequencer,
+    clock: SharedClock,
+    sequencer_task: tokio::task::JoinHandle<()>,
 }
 
 impl RunningServer {
@@ -122,18 +125,36 @@ impl RunningServer {
             Ok(r) => r,
             Err(e) => Err(ServerError::Tls(format!("server task failed: {e}"))),
         };
-        tokio::select! {
-            r = &mut self.task => return joined(r),
-            _ = self.shutdown.cancelled() => {}
-        }
-        match tokio::time::timeout(DRAIN_DEADLINE, &mut self.task).await {
-            Ok(r) => joined(r),
-            Err(_) => {
-                tracing::warn!("connections still open after the drain deadline; stopping anyway");
-                self.task.abort();
-                Ok(())
+        let result = tokio::select! {
+            r = &mut self.task => joined(r),
+            _ = self.shutdown.cancelled() => {
+                match tokio::time::timeout(DRAIN_DEADLINE, &mut self.task).await {
+                    Ok(r) => joined(r),
+                    Err(_) => {
+                        tracing::warn!("connections still open after the drain deadline; stopping anyway");
+                        self.task.abort();
+                        Ok(())
+                    }
+                }
             }
+        };
+        // The last entry and the final checkpoint, then the sequencer stops.
+        let mut stop = AuditEntry::new(
+            self.clock.now_ms(),
+            Action::ServerStop,
+            Decision::Info,
+            Actor::system(),
+        );
+        stop.reason = Some(match &result {
+            Ok(()) => "shutdown".to_string(),
+            Err(e) => format!("server failed: {e}"),
+        });
+        if let Err(e) = self.audit.append(&stop).await {
+            tracing::error!(error = %e, "could not record the shutdown");
         }
+        self.audit.close().await;
+        let _ = self.sequencer_task.await;
+        result
     }
 
     pub fn shutdown_token(&self) -> CancellationToken {
@@ -141,11 +162,16 @@ impl RunningServer {
     }
 }
 
+/// Wraps the metadata store (tests inject faults this way).
+pub type StoreWrapper = Box<dyn FnOnce(Arc<dyn MetadataStore>) -> Arc<dyn MetadataStore> + Send>;
+
 /// Options that are inputs rather than configuration.
 pub struct StartOptions {
     pub clock: SharedClock,
     /// Overrides `config.listen` (for example `127.0.0.1:0` in tests).
     pub listen: Option<SocketAddr>,
+    /// Wraps the opened metadata store before anything uses it.
+    pub wrap_store: Option<StoreWrapper>,
 }
 
 impl Default for StartOptions {
@@ -153,6 +179,7 @@ impl Default for StartOptions {
         Self {
             clock: Arc::new(crate::time::SystemClock),
             listen: None,
+            wrap_store: None,
         }
     }
 }
@@ -173,42 +200,75 @@ pub async fn start(cfg: &Config, opts: StartOptions) -> Result<RunningServer, Se
         ))
         .client_ca_root(Certificate::from_pem(read(&cfg.tls.client_ca)?))
         .client_auth_optional(true);
+    // TLS material is parsed here, before anything is opened, created or logged.
+    let builder = tonic::transport::Server::builder()
+        .tls_config(tls)
+        .map_err(|e| ServerError::Tls(format!("server certificate, key or client CA: {e}")))?;
 
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| ServerError::Store(crate::store::StoreError::Io(e)))?;
-    let store: Arc<dyn MetadataStore> =
+    let mut store: Arc<dyn MetadataStore> =
         Arc::new(SqliteStore::open(&cfg.data_dir.join("metadata.db")).await?);
+    if let Some(wrap) = opts.wrap_store {
+        store = wrap(store);
+    }
     let blobs: Arc<dyn BlobStore> = Arc::new(LocalBlobs::open(&cfg.data_dir.join("blobs"))?);
     let root = match &cfg.seal {
-        SealConfig::File { path } => seal::load_file_root_key(path, true)?,
+        SealConfig::File { path, create } => seal::load_file_root_key(path, *create)?,
     };
-    let (audit, _sequencer_task) = Sequencer::start(store.clone());
     let clock = opts.clock;
-
-    let (keys, created) = KeyRing::open(&root, store.as_ref(), clock.now_ms()).await?;
+    let (mut keys, created) = KeyRing::open(&root, store.as_ref(), clock.now_ms()).await?;
     drop(root);
-    if let Some(v) = created.kek_version {
+    let log_key = keys.take_log_key().expect("log key present after open");
+    let origin = cfg.audit.origin.clone().unwrap_or_else(|| {
+        use aws_lc_rs::signature::KeyPair;
+        let d =
+            aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, log_key.public_key().as_ref());
+        format!("weightvault/{}", hex::encode(&d.as_ref()[..8]))
+    });
+    let signer = crate::audit::note::NoteSigner::new(&origin, log_key)
+        .map_err(|e| ServerError::Tls(format!("audit origin {origin:?}: {e}")))?;
+    let (audit, sequencer_task) = Sequencer::start(
+        store.clone(),
+        signer,
+        origin,
+        clock.clone(),
+        crate::audit::sequencer::SequencerOptions {
+            checkpoint_interval: Duration::from_millis(cfg.audit.checkpoint_interval_ms),
+            heartbeat_interval: Duration::from_secs(cfg.audit.heartbeat_secs),
+        },
+    )
+    .await?;
+    let key_entry = |reason: String| {
         let mut e = AuditEntry::new(
             clock.now_ms(),
             Action::KeyCreate,
             Decision::Info,
             Actor::system(),
         );
-        e.reason = Some(format!("kek version {v} created"));
-        audit.append(&e).await?;
+        e.reason = Some(reason);
+        e
+    };
+    if let Some(v) = created.kek_version {
+        audit
+            .append(&key_entry(format!("kek version {v} created")))
+            .await?;
     }
     if created.signing_key {
-        let mut e = AuditEntry::new(
-            clock.now_ms(),
-            Action::KeyCreate,
-            Decision::Info,
-            Actor::system(),
-        );
-        e.reason = Some(format!(
-            "vault signing key created: ed25519 {}",
-            hex::encode(keys.signing_public_key())
-        ));
-        audit.append(&e).await?;
+        audit
+            .append(&key_entry(format!(
+                "manifest signing key created: ed25519 {}",
+                hex::encode(keys.signing_public_key())
+            )))
+            .await?;
+    }
+    if created.log_key {
+        audit
+            .append(&key_entry(format!(
+                "log signing key created: {}",
+                audit.verifier_key()
+            )))
+            .await?;
     }
 
     // Uploads a crash interrupted never became visible; collect their blobs.
@@ -275,8 +335,7 @@ pub async fn start(cfg: &Config, opts: StartOptions) -> Result<RunningServer, Se
 
     let shutdown = CancellationToken::new();
     let purge = spawn_purger(vault.clone(), shutdown.clone());
-    let router = tonic::transport::Server::builder()
-        .tls_config(tls)?
+    let router = builder
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
@@ -302,6 +361,9 @@ pub async fn start(cfg: &Config, opts: StartOptions) -> Result<RunningServer, Se
         local_addr,
         shutdown,
         task,
+        audit: vault.audit.clone(),
+        clock: vault.clock.clone(),
+        sequencer_task,
     })
 }
 

@@ -3,6 +3,7 @@
 //! its doc comment; backends are sibling files. The embedded default is [`sqlite::SqliteStore`]
 //! plus [`local::LocalBlobs`] in one data directory.
 
+pub mod faulty;
 pub mod local;
 pub mod sqlite;
 

@@ -37,6 +37,7 @@ impl Vault {
             StartOptions {
                 clock: Arc::new(clock.clone()),
                 listen: Some("127.0.0.1:0".parse().unwrap()),
+                wrap_store: None,
             },
         )
         .await

@@ -1,0 +1,173 @@
+//! A metadata store wrapper that injects faults on demand, for failure tests: it delegates
+//! every call to the wrapped store unless told to fail.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use async_trait::async_trait;
+
+use super::{
+    AccessRule, CheckpointRecord, GrantRecord, KekRecord, MetadataStore, ModelSummary,
+    SessionRecord, StoreError, VersionRecord,
+};
+use crate::time::UnixMs;
+
+pub struct FaultyStore {
+    inner: Arc<dyn MetadataStore>,
+    /// While set, every audit append fails as a full or broken disk would.
+    pub fail_audit: AtomicBool,
+}
+
+impl FaultyStore {
+    pub fn new(inner: Arc<dyn MetadataStore>) -> Self {
+        Self {
+            inner,
+            fail_audit: AtomicBool::new(false),
+        }
+    }
+}
+
+#[async_trait]
+impl MetadataStore for FaultyStore {
+    async fn append_audit(&self, entries: &[Vec<u8>]) -> Result<u64, StoreError> {
+        if self.fail_audit.load(Ordering::SeqCst) {
+            return Err(StoreError::Io(std::io::Error::other(
+                "injected fault: audit write fails",
+            )));
+        }
+        self.inner.append_audit(entries).await
+    }
+
+    async fn audit_entries(
+        &self,
+        start: u64,
+        end: u64,
+        limit: u32,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.inner.audit_entries(start, end, limit).await
+    }
+
+    async fn audit_size(&self) -> Result<u64, StoreError> {
+        self.inner.audit_size().await
+    }
+
+    async fn keks(&self) -> Result<Vec<KekRecord>, StoreError> {
+        self.inner.keks().await
+    }
+
+    async fn insert_kek(&self, kek: &KekRecord) -> Result<(), StoreError> {
+        self.inner.insert_kek(kek).await
+    }
+
+    async fn get_wrapped_secret(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get_wrapped_secret(name).await
+    }
+
+    async fn put_wrapped_secret_if_absent(
+        &self,
+        name: &str,
+        wrapped: &[u8],
+    ) -> Result<bool, StoreError> {
+        self.inner.put_wrapped_secret_if_absent(name, wrapped).await
+    }
+
+    async fn begin_upload(
+        &self,
+        upload_id: &[u8; 16],
+        model: &str,
+        now: UnixMs,
+    ) -> Result<(), StoreError> {
+        self.inner.begin_upload(upload_id, model, now).await
+    }
+
+    async fn end_upload(&self, upload_id: &[u8; 16]) -> Result<(), StoreError> {
+        self.inner.end_upload(upload_id).await
+    }
+
+    async fn pending_uploads(&self) -> Result<Vec<[u8; 16]>, StoreError> {
+        self.inner.pending_uploads().await
+    }
+
+    async fn next_version(&self, model: &str) -> Result<u64, StoreError> {
+        self.inner.next_version(model).await
+    }
+
+    async fn commit_version(&self, v: &VersionRecord) -> Result<(), StoreError> {
+        self.inner.commit_version(v).await
+    }
+
+    async fn list_models(&self) -> Result<Vec<ModelSummary>, StoreError> {
+        self.inner.list_models().await
+    }
+
+    async fn versions(&self, model: &str) -> Result<Vec<VersionRecord>, StoreError> {
+        self.inner.versions(model).await
+    }
+
+    async fn get_version(
+        &self,
+        model: &str,
+        version: Option<u64>,
+    ) -> Result<Option<VersionRecord>, StoreError> {
+        self.inner.get_version(model, version).await
+    }
+
+    async fn add_rule(&self, rule: &AccessRule) -> Result<bool, StoreError> {
+        self.inner.add_rule(rule).await
+    }
+
+    async fn rules(&self, model: Option<&str>) -> Result<Vec<AccessRule>, StoreError> {
+        self.inner.rules(model).await
+    }
+
+    async fn put_challenge(&self, nonce: &[u8; 32], expires_ms: UnixMs) -> Result<(), StoreError> {
+        self.inner.put_challenge(nonce, expires_ms).await
+    }
+
+    async fn take_challenge(&self, nonce: &[u8; 32]) -> Result<Option<UnixMs>, StoreError> {
+        self.inner.take_challenge(nonce).await
+    }
+
+    async fn purge_expired(&self, now: UnixMs) -> Result<(), StoreError> {
+        self.inner.purge_expired(now).await
+    }
+
+    async fn put_session(&self, s: &SessionRecord) -> Result<(), StoreError> {
+        self.inner.put_session(s).await
+    }
+
+    async fn get_session(
+        &self,
+        token_sha256: &[u8; 32],
+    ) -> Result<Option<SessionRecord>, StoreError> {
+        self.inner.get_session(token_sha256).await
+    }
+
+    async fn put_evidence(&self, sha256: &[u8; 32], evidence: &[u8]) -> Result<(), StoreError> {
+        self.inner.put_evidence(sha256, evidence).await
+    }
+
+    async fn get_evidence(&self, sha256: &[u8; 32]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.get_evidence(sha256).await
+    }
+
+    async fn put_checkpoint(&self, cp: &CheckpointRecord) -> Result<(), StoreError> {
+        self.inner.put_checkpoint(cp).await
+    }
+
+    async fn latest_checkpoint(&self) -> Result<Option<CheckpointRecord>, StoreError> {
+        self.inner.latest_checkpoint().await
+    }
+
+    async fn put_grant(&self, g: &GrantRecord) -> Result<(), StoreError> {
+        self.inner.put_grant(g).await
+    }
+
+    async fn get_grant(&self, grant_id: &str) -> Result<Option<GrantRecord>, StoreError> {
+        self.inner.get_grant(grant_id).await
+    }
+
+    async fn add_grant_bytes(&self, grant_id: &str, bytes: u64) -> Result<(), StoreError> {
+        self.inner.add_grant_bytes(grant_id, bytes).await
+    }
+}
