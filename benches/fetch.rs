@@ -10,7 +10,8 @@
 //!   sink that discards the plaintext: fetch + decrypt, no disk writes on the node side.
 //!
 //! `cargo bench --bench fetch`; model size from `WEIGHTVAULT_BENCH_BYTES` (default 1 GiB), rounds
-//! from `WEIGHTVAULT_BENCH_ROUNDS` (default 3). The bench never asserts on timing.
+//! from `WEIGHTVAULT_BENCH_ROUNDS` (default 3); `WEIGHTVAULT_BENCH_ONLY=a|b` runs one side only,
+//! for profiling. The bench never asserts on timing.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -46,7 +47,6 @@ const DEFAULT_BYTES: u64 = 1 << 30;
 const DEFAULT_ROUNDS: usize = 3;
 
 fn main() -> Result<()> {
-    // `cargo bench` passes `--bench`; nothing else is accepted.
     let bytes = env_u64("WEIGHTVAULT_BENCH_BYTES", DEFAULT_BYTES)?;
     let rounds = env_u64("WEIGHTVAULT_BENCH_ROUNDS", DEFAULT_ROUNDS as u64)? as usize;
     if bytes == 0 || rounds == 0 {
@@ -121,6 +121,8 @@ struct Baseline {
     chunks: Arc<Vec<Bytes>>,
 }
 
+type ServeTask = tokio::task::JoinHandle<Result<(), tonic::transport::Error>>;
+
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<WeightChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -168,10 +170,7 @@ async fn start_baseline(
     cfg: &Config,
     chunks: Arc<Vec<Bytes>>,
     stop: CancellationToken,
-) -> Result<(
-    SocketAddr,
-    tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
-)> {
+) -> Result<(SocketAddr, ServeTask)> {
     let tls = ServerTlsConfig::new()
         .identity(Identity::from_pem(
             std::fs::read(&cfg.tls.cert)?,
@@ -233,18 +232,19 @@ impl WeightSink for CountingSink {
 struct Sample {
     bytes: u64,
     secs: f64,
+    /// CPU seconds the whole process (server and client) spent during the transfer.
+    cpu_secs: f64,
     /// B only: seconds of challenge + attest + grant before the stream starts.
     setup_secs: Option<f64>,
 }
 
 impl Sample {
-    fn gbps(&self) -> f64 {
-        self.bytes as f64 / self.secs / 1e9
+    fn ratio(a: &Sample, b: &Sample) -> (f64, f64) {
+        (a.secs / b.secs, a.cpu_secs / b.cpu_secs)
     }
 
-    /// Throughput of the stream alone (B without its setup round trips).
-    fn stream_gbps(&self) -> f64 {
-        self.bytes as f64 / (self.secs - self.setup_secs.unwrap_or(0.0)) / 1e9
+    fn gbps(&self) -> f64 {
+        self.bytes as f64 / self.secs / 1e9
     }
 }
 
@@ -252,6 +252,7 @@ impl Sample {
 async fn run_baseline(ep: &Endpoint, expect: u64) -> Result<Sample> {
     let channel = ep.connect().await?;
     let mut client = NodeServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE);
+    let cpu = process_cpu_secs();
     let start = Instant::now();
     let mut stream = client
         .fetch_weights(FetchWeightsRequest::default())
@@ -262,12 +263,14 @@ async fn run_baseline(ep: &Endpoint, expect: u64) -> Result<Sample> {
         bytes += chunk.ciphertext.len() as u64;
     }
     let secs = start.elapsed().as_secs_f64();
+    let cpu_secs = process_cpu_secs() - cpu;
     if bytes != expect {
         bail!("baseline streamed {bytes} bytes, expected {expect}");
     }
     Ok(Sample {
         bytes,
         secs,
+        cpu_secs,
         setup_secs: None,
     })
 }
@@ -277,6 +280,7 @@ async fn run_real(ep: &Endpoint, attester: &SimAttester, expect: u64) -> Result<
     let channel = ep.connect().await?;
     let mut client = NodeClient::new(channel);
     let mut sink = CountingSink::default();
+    let cpu = process_cpu_secs();
     let start = Instant::now();
     let report = client
         .fetch(
@@ -288,6 +292,7 @@ async fn run_real(ep: &Endpoint, attester: &SimAttester, expect: u64) -> Result<
         )
         .await?;
     let secs = start.elapsed().as_secs_f64();
+    let cpu_secs = process_cpu_secs() - cpu;
     if report.bytes != expect || sink.bytes != expect {
         bail!(
             "fetch delivered {} bytes (report {}), expected {expect}",
@@ -299,8 +304,27 @@ async fn run_real(ep: &Endpoint, attester: &SimAttester, expect: u64) -> Result<
     Ok(Sample {
         bytes: sink.bytes,
         secs,
+        cpu_secs,
         setup_secs: setup,
     })
+}
+
+/// User + system CPU seconds of this process, all threads (`/proc/self/stat`, USER_HZ = 100);
+/// NaN where unavailable.
+fn process_cpu_secs() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return f64::NAN;
+    };
+    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+    let Some((_, rest)) = stat.rsplit_once(") ") else {
+        return f64::NAN;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+    match (ticks(11), ticks(12)) {
+        (Some(u), Some(s)) => (u + s) as f64 / 100.0,
+        _ => f64::NAN,
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -417,80 +441,145 @@ async fn run(bytes: u64, rounds: usize) -> Result<()> {
         warm_b.gbps()
     );
 
-    let mut a = Vec::with_capacity(rounds);
-    let mut b = Vec::with_capacity(rounds);
-    for _ in 0..rounds {
-        a.push(run_baseline(&base_ep, wire).await?);
-        // Let the vault's post-stream bookkeeping (bytes served, fetch-end audit entry) settle.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        b.push(run_real(&node_ep, &attester, bytes).await?);
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    // Profiling aid: WEIGHTVAULT_BENCH_ONLY=a|b runs only that side, `rounds` times, after
+    // printing the pid (attach `perf record -p`); no table, no ratio.
+    if let Ok(side) = std::env::var("WEIGHTVAULT_BENCH_ONLY") {
+        println!("  only side {side}, pid {}", std::process::id());
+        for i in 0..rounds {
+            let s = match side.as_str() {
+                "a" => run_baseline(&base_ep, wire).await?,
+                "b" => run_real(&node_ep, &attester, bytes).await?,
+                _ => bail!("WEIGHTVAULT_BENCH_ONLY must be a or b"),
+            };
+            println!(
+                "  {side} round {}: {} bytes, {:.3} s, {:.2} GB/s, {:.2} cpu s",
+                i + 1,
+                s.bytes,
+                s.secs,
+                s.gbps(),
+                s.cpu_secs
+            );
+        }
+    } else {
+        report(&base_ep, &node_ep, &attester, bytes, wire, rounds).await?;
     }
-
-    println!();
-    println!("A = bare tonic stream of the same chunks (ciphertext bytes, chunk_size + 16 each)");
-    println!(
-        "B = NodeClient::fetch: challenge + attest + grant + stream + decrypt (plaintext bytes)"
-    );
-    println!("ratio = A seconds / B seconds (both move the same bytes on the wire)");
-    println!();
-    println!(
-        "{:<7} {:>12} {:>9} {:>8} {:>12} {:>9} {:>8} {:>9} {:>10} {:>7}",
-        "round",
-        "A bytes",
-        "A s",
-        "A GB/s",
-        "B bytes",
-        "B s",
-        "B GB/s",
-        "B setup s",
-        "B strm GB/s",
-        "ratio"
-    );
-    for (i, (sa, sb)) in a.iter().zip(&b).enumerate() {
-        println!(
-            "{:<7} {:>12} {:>9.3} {:>8.2} {:>12} {:>9.3} {:>8.2} {:>9.4} {:>10.2} {:>7.3}",
-            i + 1,
-            sa.bytes,
-            sa.secs,
-            sa.gbps(),
-            sb.bytes,
-            sb.secs,
-            sb.gbps(),
-            sb.setup_secs.unwrap_or(f64::NAN),
-            sb.stream_gbps(),
-            sa.secs / sb.secs
-        );
-    }
-    let med_a = median(a.iter().map(|s| s.secs).collect());
-    let med_b = median(b.iter().map(|s| s.secs).collect());
-    let med_setup = median(b.iter().filter_map(|s| s.setup_secs).collect());
-    println!(
-        "{:<7} {:>12} {:>9.3} {:>8.2} {:>12} {:>9.3} {:>8.2} {:>9.4} {:>10.2} {:>7.3}",
-        "median",
-        wire,
-        med_a,
-        wire as f64 / med_a / 1e9,
-        bytes,
-        med_b,
-        bytes as f64 / med_b / 1e9,
-        med_setup,
-        bytes as f64 / (med_b - med_setup) / 1e9,
-        med_a / med_b
-    );
-    println!();
-    println!(
-        "median ratio B/A = {:.3} (goal >= 0.7); per-round: [{}]",
-        med_a / med_b,
-        a.iter()
-            .zip(&b)
-            .map(|(sa, sb)| format!("{:.3}", sa.secs / sb.secs))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
 
     stop.cancel();
     base_task.await??;
     vault.shutdown().await?;
+    Ok(())
+}
+
+/// Alternating rounds of A and B, then the table.
+async fn report(
+    base_ep: &Endpoint,
+    node_ep: &Endpoint,
+    attester: &SimAttester,
+    bytes: u64,
+    wire: u64,
+    rounds: usize,
+) -> Result<()> {
+    let mut a = Vec::with_capacity(rounds);
+    let mut b = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        a.push(run_baseline(base_ep, wire).await?);
+        // Let the vault's post-stream bookkeeping (bytes served, fetch-end audit entry) settle.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        b.push(run_real(node_ep, attester, bytes).await?);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    println!();
+    println!("A = bare tonic stream of the same chunks; bytes = ciphertext received");
+    println!(
+        "B = NodeClient::fetch: challenge + attest + grant + stream + decrypt; bytes = plaintext"
+    );
+    println!("    delivered (setup = challenge + attest + grant, included in B s)");
+    println!("cpu = CPU seconds of the whole process (vault or baseline server + client)");
+    println!(
+        "ratio = B throughput / A throughput = A s / B s (same bytes on the wire); cpu ratio = A cpu / B cpu"
+    );
+    println!();
+    let header = [
+        "round",
+        "A bytes",
+        "A s",
+        "A GB/s",
+        "A cpu",
+        "B bytes",
+        "B s",
+        "B GB/s",
+        "B cpu",
+        "B setup",
+        "ratio",
+        "cpu ratio",
+    ];
+    println!(
+        "{:<7}{:>12}{:>8}{:>8}{:>7}{:>12}{:>8}{:>8}{:>7}{:>9}{:>7}{:>10}",
+        header[0],
+        header[1],
+        header[2],
+        header[3],
+        header[4],
+        header[5],
+        header[6],
+        header[7],
+        header[8],
+        header[9],
+        header[10],
+        header[11]
+    );
+    let row = |label: &str, sa: &Sample, sb: &Sample| {
+        let (ratio, cpu_ratio) = Sample::ratio(sa, sb);
+        println!(
+            "{:<7}{:>12}{:>8.3}{:>8.2}{:>7.2}{:>12}{:>8.3}{:>8.2}{:>7.2}{:>9.4}{:>7.3}{:>10.3}",
+            label,
+            sa.bytes,
+            sa.secs,
+            sa.gbps(),
+            sa.cpu_secs,
+            sb.bytes,
+            sb.secs,
+            sb.gbps(),
+            sb.cpu_secs,
+            sb.setup_secs.unwrap_or(f64::NAN),
+            ratio,
+            cpu_ratio
+        );
+    };
+    for (i, (sa, sb)) in a.iter().zip(&b).enumerate() {
+        row(&(i + 1).to_string(), sa, sb);
+    }
+    let med = |v: &[Sample], f: fn(&Sample) -> f64| median(v.iter().map(f).collect());
+    let med_a = Sample {
+        bytes: wire,
+        secs: med(&a, |s| s.secs),
+        cpu_secs: med(&a, |s| s.cpu_secs),
+        setup_secs: None,
+    };
+    let med_b = Sample {
+        bytes,
+        secs: med(&b, |s| s.secs),
+        cpu_secs: med(&b, |s| s.cpu_secs),
+        setup_secs: Some(med(&b, |s| s.setup_secs.unwrap_or(f64::NAN))),
+    };
+    row("median", &med_a, &med_b);
+    let per_round: Vec<String> = a
+        .iter()
+        .zip(&b)
+        .map(|(sa, sb)| format!("{:.3}", Sample::ratio(sa, sb).0))
+        .collect();
+    println!();
+    println!(
+        "ratio B/A of the medians = {:.3} (goal >= 0.7); per round: [{}]; median of per-round ratios = {:.3}",
+        Sample::ratio(&med_a, &med_b).0,
+        per_round.join(", "),
+        median(
+            a.iter()
+                .zip(&b)
+                .map(|(sa, sb)| Sample::ratio(sa, sb).0)
+                .collect()
+        )
+    );
     Ok(())
 }

@@ -2,6 +2,8 @@
 //! test controls, and clients for each role.
 #![allow(dead_code)]
 
+pub mod cli;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
