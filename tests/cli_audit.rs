@@ -14,7 +14,12 @@ fn as_auditor(s: &Server, args: &[&str]) -> std::process::Output {
 }
 
 fn ok(o: &std::process::Output) -> String {
-    assert!(o.status.success(), "failed: {}{}", String::from_utf8_lossy(&o.stdout), stderr(o));
+    assert!(
+        o.status.success(),
+        "failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        stderr(o)
+    );
     String::from_utf8(o.stdout.clone()).unwrap()
 }
 
@@ -24,10 +29,30 @@ fn activity(s: &Server, tmp: &std::path::Path, tag: &str) {
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(src.join("w.bin"), common::bytes(200_000, 5)).unwrap();
     s.ok(&["model", "push", "m", src.to_str().unwrap()]);
-    s.ok(&["access", "allow", "m", "--tee", "sim", "--measurement", MEASUREMENT]);
+    s.ok(&[
+        "access",
+        "allow",
+        "m",
+        "--tee",
+        "sim",
+        "--measurement",
+        MEASUREMENT,
+    ]);
     let key = s.dir.join("sim-tee.key");
     let out = tmp.join(format!("out-{tag}"));
-    s.ok(&["node", "fetch", "m", "--out", out.to_str().unwrap(), "--tee", "sim", "--sim-measurement", MEASUREMENT, "--sim-key", key.to_str().unwrap()]);
+    s.ok(&[
+        "node",
+        "fetch",
+        "m",
+        "--out",
+        out.to_str().unwrap(),
+        "--tee",
+        "sim",
+        "--sim-measurement",
+        MEASUREMENT,
+        "--sim-key",
+        key.to_str().unwrap(),
+    ]);
 }
 
 #[test]
@@ -38,7 +63,14 @@ fn verify_export_tamper_and_proofs() {
     let cfg = s.dir.join("weightvault.toml");
     let trusted = tmp.path().join("trusted.json");
     let verify = |extra: &[&str]| {
-        let mut args = vec!["audit", "verify", "--config", cfg.to_str().unwrap(), "--trusted", trusted.to_str().unwrap()];
+        let mut args = vec![
+            "audit",
+            "verify",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--trusted",
+            trusted.to_str().unwrap(),
+        ];
         args.extend_from_slice(extra);
         as_auditor(&s, &args)
     };
@@ -49,17 +81,32 @@ fn verify_export_tamper_and_proofs() {
 
     // More activity; the next run checks consistency with the trusted checkpoint.
     activity(&s, tmp.path(), "b");
-    let report: serde_json::Value = serde_json::from_str(ok(&verify(&["--json"])).lines().next().unwrap()).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(ok(&verify(&["--json"])).lines().next().unwrap()).unwrap();
     assert_eq!(report["ok"], true);
     assert!(report["grants"].as_u64().unwrap() >= 2);
     assert_eq!(report["findings"].as_array().unwrap().len(), 0);
 
     // Export, verify offline, then tamper with one entry.
     let export = tmp.path().join("log.json");
-    ok(&as_auditor(&s, &["audit", "export", "--out", export.to_str().unwrap()]));
-    let out = ok(&as_auditor(&s, &["audit", "verify", "--file", export.to_str().unwrap(), "--config", cfg.to_str().unwrap()]));
+    ok(&as_auditor(
+        &s,
+        &["audit", "export", "--out", export.to_str().unwrap()],
+    ));
+    let out = ok(&as_auditor(
+        &s,
+        &[
+            "audit",
+            "verify",
+            "--file",
+            export.to_str().unwrap(),
+            "--config",
+            cfg.to_str().unwrap(),
+        ],
+    ));
     assert!(out.starts_with("OK: "), "{out}");
-    let mut doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&export).unwrap()).unwrap();
+    let mut doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&export).unwrap()).unwrap();
     let entries = doc["entries"].as_array_mut().unwrap();
     let (victim, bytes) = entries
         .iter()
@@ -73,36 +120,90 @@ fn verify_export_tamper_and_proofs() {
     entries[victim] = serde_json::Value::String(STANDARD.encode(&bytes));
     let bad = tmp.path().join("tampered.json");
     std::fs::write(&bad, serde_json::to_vec(&doc).unwrap()).unwrap();
-    let o = as_auditor(&s, &["audit", "verify", "--file", bad.to_str().unwrap(), "--config", cfg.to_str().unwrap()]);
+    let o = as_auditor(
+        &s,
+        &[
+            "audit",
+            "verify",
+            "--file",
+            bad.to_str().unwrap(),
+            "--config",
+            cfg.to_str().unwrap(),
+        ],
+    );
     assert_eq!(o.status.code(), Some(1));
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.starts_with("FAILED"), "{out}");
-    assert!(out.contains(&format!("entry {victim} does not match its recorded leaf hash")), "{out}");
+    assert!(
+        out.contains(&format!(
+            "entry {victim} does not match its recorded leaf hash"
+        )),
+        "{out}"
+    );
 
     // A tlog proof, checked offline by a third party with only the log key.
     let o = as_auditor(&s, &["audit", "proof", "--index", "3"]);
     let proof_text = ok(&o);
-    let vkey = stderr(&o).trim().strip_prefix("log key: ").unwrap().to_string();
-    assert!(proof_text.starts_with("c2sp.org/tlog-proof@v1\nextra "), "{proof_text}");
+    let vkey = stderr(&o)
+        .trim()
+        .strip_prefix("log key: ")
+        .unwrap()
+        .to_string();
+    assert!(
+        proof_text.starts_with("c2sp.org/tlog-proof@v1\nextra "),
+        "{proof_text}"
+    );
     let proof = tmp.path().join("proof.txt");
     std::fs::write(&proof, &proof_text).unwrap();
-    let out = ok(&s.run(&["audit", "check-proof", "--proof", proof.to_str().unwrap(), "--log-key", &vkey]));
+    let out = ok(&s.run(&[
+        "audit",
+        "check-proof",
+        "--proof",
+        proof.to_str().unwrap(),
+        "--log-key",
+        &vkey,
+    ]));
     assert!(out.starts_with("OK: entry 3 is in the log"), "{out}");
     let broken = proof_text.replacen("index 3", "index 4", 1);
     std::fs::write(&proof, broken).unwrap();
-    let o = s.run(&["audit", "check-proof", "--proof", proof.to_str().unwrap(), "--log-key", &vkey]);
+    let o = s.run(&[
+        "audit",
+        "check-proof",
+        "--proof",
+        proof.to_str().unwrap(),
+        "--log-key",
+        &vkey,
+    ]);
     assert!(!o.status.success());
 
     // A rolled-back vault: the trusted checkpoint is ahead of the export.
-    let mut t: serde_json::Value = serde_json::from_slice(&std::fs::read(&trusted).unwrap()).unwrap();
+    let mut t: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&trusted).unwrap()).unwrap();
     activity(&s, tmp.path(), "c");
     ok(&verify(&[]));
     t = serde_json::from_slice(&std::fs::read(&trusted).unwrap()).unwrap_or(t);
-    let o = as_auditor(&s, &["audit", "verify", "--file", export.to_str().unwrap(), "--trusted", trusted.to_str().unwrap(), "--config", cfg.to_str().unwrap()]);
+    let o = as_auditor(
+        &s,
+        &[
+            "audit",
+            "verify",
+            "--file",
+            export.to_str().unwrap(),
+            "--trusted",
+            trusted.to_str().unwrap(),
+            "--config",
+            cfg.to_str().unwrap(),
+        ],
+    );
     assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("[Rollback]"), "{}", String::from_utf8_lossy(&o.stdout));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("[Rollback]"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
     // A failed verification leaves the trusted checkpoint as it was.
-    let after: serde_json::Value = serde_json::from_slice(&std::fs::read(&trusted).unwrap()).unwrap();
+    let after: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&trusted).unwrap()).unwrap();
     assert_eq!(after, t);
 }
 
@@ -117,23 +218,50 @@ fn crash_under_grant_load_loses_no_received_grant() {
     let data = tmp.path().join("data");
     let mut s = serve(&data);
     activity(&s, tmp.path(), "a");
-    let addr = s.env.iter().find(|(k, _)| k == "WEIGHTVAULT_ADDR").unwrap().1.clone();
-    let signer = weightvault::attest::sim::SimSigner::from_pkcs8(&std::fs::read(data.join("sim-tee.key")).unwrap()).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let addr = s
+        .env
+        .iter()
+        .find(|(k, _)| k == "WEIGHTVAULT_ADDR")
+        .unwrap()
+        .1
+        .clone();
+    let signer = weightvault::attest::sim::SimSigner::from_pkcs8(
+        &std::fs::read(data.join("sim-tee.key")).unwrap(),
+    )
+    .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut workers = Vec::new();
     for _ in 0..4 {
         let (addr, ca) = (addr.clone(), data.join("tls/ca.pem"));
         let (received, stop) = (received.clone(), stop.clone());
-        let signer = weightvault::attest::sim::SimSigner::from_pkcs8(&std::fs::read(data.join("sim-tee.key")).unwrap()).unwrap();
+        let signer = weightvault::attest::sim::SimSigner::from_pkcs8(
+            &std::fs::read(data.join("sim-tee.key")).unwrap(),
+        )
+        .unwrap();
         workers.push(rt.spawn(async move {
             let ep = weightvault::client::Endpoint::from_files(&addr, &ca, None, None).unwrap();
-            let Ok(ch) = ep.connect().await else { return };
+            let ch = match ep.connect().await {
+                Ok(ch) => ch,
+                Err(e) => {
+                    eprintln!("connect: {e}");
+                    return;
+                }
+            };
             let mut c = NodeServiceClient::new(ch);
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                 let keys = NodeKeyPair::generate().unwrap();
-                let Ok(n) = c.get_challenge(GetChallengeRequest {}).await else { return };
+                let n = match c.get_challenge(GetChallengeRequest {}).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        eprintln!("challenge: {e:?}");
+                        return;
+                    }
+                };
                 let nonce = n.into_inner().nonce;
                 let rd = report_data(&nonce.clone().try_into().unwrap(), keys.public_key());
                 let evidence = signer.sign(&weightvault::attest::sim::SimReport {
@@ -143,16 +271,49 @@ fn crash_under_grant_load_loses_no_received_grant() {
                     debug: false,
                     issued_ms: weightvault::time::Clock::now_ms(&weightvault::time::SystemClock),
                 });
-                let Ok(a) = c.attest(AttestRequest { tee: "sim".into(), evidence, node_public_key: keys.public_key().to_vec(), nonce }).await else { return };
+                let a = match c
+                    .attest(AttestRequest {
+                        tee: "sim".into(),
+                        evidence,
+                        node_public_key: keys.public_key().to_vec(),
+                        nonce,
+                    })
+                    .await
+                {
+                    Ok(a) => a,
+                    Err(e) => {
+                        eprintln!("attest: {e:?}");
+                        return;
+                    }
+                };
                 let token = a.into_inner().session_token;
-                let Ok(g) = c.request_grant(RequestGrantRequest { session_token: token, model: "m".into(), version: 0 }).await else { return };
+                let g = match c
+                    .request_grant(RequestGrantRequest {
+                        session_token: token,
+                        model: "m".into(),
+                        version: 0,
+                    })
+                    .await
+                {
+                    Ok(g) => g,
+                    Err(e) => {
+                        eprintln!("grant refused: {e:?}");
+                        return;
+                    }
+                };
                 received.lock().unwrap().push(g.into_inner().grant_id);
             }
         }));
     }
     drop(signer);
     // Let grants flow, then kill the vault without warning (SIGKILL) mid-load.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while received.lock().unwrap().len() < 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "grants are not flowing: {:?}",
+            workers.iter().map(|w| w.is_finished()).collect::<Vec<_>>()
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     std::thread::sleep(std::time::Duration::from_millis(137));
@@ -176,9 +337,15 @@ fn crash_under_grant_load_loses_no_received_grant() {
         .map(|e| e["entry"]["grant_id"].as_str().unwrap().to_string())
         .collect();
     for g in &got {
-        assert!(logged.contains(g), "grant {g} was received but is not in the log");
+        assert!(
+            logged.contains(g),
+            "grant {g} was received but is not in the log"
+        );
     }
     let cfg = s.dir.join("weightvault.toml");
-    let out = ok(&as_auditor(&s, &["audit", "verify", "--config", cfg.to_str().unwrap()]));
+    let out = ok(&as_auditor(
+        &s,
+        &["audit", "verify", "--config", cfg.to_str().unwrap()],
+    ));
     assert!(out.starts_with("OK: "), "{out}");
 }

@@ -47,6 +47,9 @@ CREATE TABLE checkpoints (size INTEGER PRIMARY KEY, root BLOB NOT NULL, note TEX
 "#,
 ];
 
+/// Every write transaction starts with `BEGIN IMMEDIATE`: it takes the write lock up front and
+/// waits for it (busy timeout). A deferred transaction that reads and then writes would fail at
+/// once with SQLITE_BUSY whenever another connection committed in between (WAL snapshot rule).
 pub struct SqliteStore {
     pool: SqlitePool,
 }
@@ -89,7 +92,7 @@ impl SqliteStore {
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let applied: i64 = sqlx::query_scalar("PRAGMA user_version")
             .fetch_one(&mut *tx)
             .await?;
@@ -149,7 +152,7 @@ const VERSION_COLS: &str = "model, version, version_id, kek_version, wrapped_dek
 #[async_trait]
 impl MetadataStore for SqliteStore {
     async fn append_audit(&self, entries: &[Vec<u8>]) -> Result<u64, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let size: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(idx) + 1, 0) FROM audit_log")
             .fetch_one(&mut *tx)
             .await?;
@@ -285,7 +288,7 @@ impl MetadataStore for SqliteStore {
     }
 
     async fn commit_version(&self, v: &VersionRecord) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         let insert = sqlx::query(sqlx::AssertSqlSafe(format!(
             "INSERT INTO versions ({VERSION_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
         )))
@@ -426,7 +429,7 @@ impl MetadataStore for SqliteStore {
     }
 
     async fn purge_expired(&self, now: UnixMs) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
         sqlx::query("DELETE FROM challenges WHERE expires_ms < ?")
             .bind(i(now))
             .execute(&mut *tx)
@@ -626,5 +629,37 @@ mod tests {
             s.get_version("m", None).await.unwrap().unwrap().version_id,
             [1; 16]
         );
+    }
+}
+
+#[cfg(test)]
+mod concurrency_tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    /// Interleaved read-then-write transactions from several connections must wait for the
+    /// write lock, not fail with SQLITE_BUSY.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writers_do_not_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(SqliteStore::open(&dir.path().join("m.db")).await.unwrap());
+        let mut tasks = Vec::new();
+        for t in 0..4u8 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                for n in 0..50u8 {
+                    s.append_audit(&[vec![t, n]]).await.unwrap();
+                    s.put_challenge(&[t.wrapping_mul(64).wrapping_add(n); 32], 1)
+                        .await
+                        .unwrap();
+                    s.purge_expired(0).await.unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(s.audit_size().await.unwrap(), 200);
     }
 }
