@@ -3,7 +3,11 @@
 //! One [`Verifier`] per TEE. Success is an [`AttestationVerified`], a value only this module can
 //! construct; the grant path cannot proceed without one.
 
+pub mod nitro;
 pub mod sim;
+pub mod snp;
+pub mod tdx;
+pub mod tpm;
 
 use std::fmt;
 use std::str::FromStr;
@@ -40,12 +44,40 @@ pub fn report_data(nonce: &[u8; NONCE_LEN], node_public_key: &[u8; NODE_KEY_LEN]
 pub enum TeeKind {
     /// Development TEE: evidence signed by an Ed25519 key the operator registers. Not hardware.
     Sim,
+    /// AMD SEV-SNP attestation report.
+    Snp,
+    /// Intel TDX DCAP quote (v4/v5).
+    Tdx,
+    /// AWS Nitro Enclaves attestation document.
+    Nitro,
+    /// TPM 2.0 quote.
+    Tpm,
+    /// Azure confidential VM on SEV-SNP: HCL report plus vTPM quote.
+    AzSnpVtpm,
+    /// Azure confidential VM on TDX: HCL report plus vTPM quote.
+    AzTdxVtpm,
 }
 
 impl TeeKind {
+    pub const ALL: [TeeKind; 7] = [
+        TeeKind::Sim,
+        TeeKind::Snp,
+        TeeKind::Tdx,
+        TeeKind::Nitro,
+        TeeKind::Tpm,
+        TeeKind::AzSnpVtpm,
+        TeeKind::AzTdxVtpm,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             TeeKind::Sim => "sim",
+            TeeKind::Snp => "snp",
+            TeeKind::Tdx => "tdx",
+            TeeKind::Nitro => "nitro",
+            TeeKind::Tpm => "tpm",
+            TeeKind::AzSnpVtpm => "az-snp-vtpm",
+            TeeKind::AzTdxVtpm => "az-tdx-vtpm",
         }
     }
 }
@@ -59,10 +91,10 @@ impl fmt::Display for TeeKind {
 impl FromStr for TeeKind {
     type Err = AttestError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "sim" => Ok(TeeKind::Sim),
-            other => Err(AttestError::UnknownTee(other.chars().take(32).collect())),
-        }
+        TeeKind::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| AttestError::UnknownTee(s.chars().take(32).collect()))
     }
 }
 
@@ -80,6 +112,11 @@ pub struct Claims {
     pub evidence_time_ms: UnixMs,
     /// True for the development TEE; it is never hardware-backed.
     pub simulated: bool,
+    /// TEE-specific values, lowercase hex or decimal strings under stable names documented in
+    /// docs/attestation.md (for example `rtmr0`, `pcr8`, `vmpl`, `tcb.snp`, `tcb_status`).
+    /// Access rules may require any of them.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub details: std::collections::BTreeMap<String, String>,
 }
 
 impl Claims {
@@ -141,6 +178,13 @@ pub enum AttestError {
     FromFuture { ahead_ms: u64 },
     #[error("debug mode")]
     DebugMode,
+    #[error("certificate chain: {0}")]
+    Chain(String),
+    #[error("not valid at the verification time: {0}")]
+    Expired(String),
+    /// A security floor of the verifier policy (TCB, VMPL, TDX status, ...) is not met.
+    #[error("policy {rule}: {detail}")]
+    Policy { rule: &'static str, detail: String },
 }
 
 impl AttestError {
@@ -156,6 +200,9 @@ impl AttestError {
             AttestError::Stale { .. } => "evidence too old",
             AttestError::FromFuture { .. } => "evidence from the future",
             AttestError::DebugMode => "debug mode",
+            AttestError::Chain(_) => "untrusted certificate chain",
+            AttestError::Expired(_) => "certificate or collateral not valid now",
+            AttestError::Policy { rule, .. } => rule,
         }
     }
 }

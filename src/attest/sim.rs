@@ -202,6 +202,7 @@ impl Verifier for SimVerifier {
             debug: false,
             evidence_time_ms: report.issued_ms,
             simulated: true,
+            details: Default::default(),
         };
         Ok(AttestationVerified::new(claims, evidence))
     }

@@ -107,6 +107,7 @@ pub async fn run(cmd: AttestCmd) -> anyhow::Result<ExitCode> {
                     };
                     Box::new(SimVerifier::new(keys, max_age_ms))
                 }
+                other => anyhow::bail!("no {other} verifier in this build yet"),
             };
             let now = time_ms.unwrap_or_else(|| SystemClock.now_ms());
             match verifier.verify(&ev, &rd, now) {

@@ -228,6 +228,11 @@ fn reverify(
         TeeKind::Sim => {
             sim.ok_or("cannot be re-verified: no trusted sim key (--sim-trusted-key or --config)")?
         }
+        other => {
+            return Err(format!(
+                "cannot be re-verified: no {other} verifier in this build"
+            ));
+        }
     };
     let claims = verifier
         .verify(ev, &report_data(&nonce, &key), e.time_ms)

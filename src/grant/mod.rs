@@ -223,6 +223,7 @@ mod tests {
                 debug: false,
                 evidence_time_ms: 0,
                 simulated: true,
+                details: Default::default(),
             },
             node_public_key: [2; 32],
         }
