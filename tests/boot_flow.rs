@@ -601,3 +601,51 @@ async fn admin_and_audit_calls_need_their_role() {
         "does not have role auditor",
     );
 }
+
+#[tokio::test]
+async fn a_rule_with_unmet_required_claims_is_named_in_the_denial() {
+    let tmp = tempfile::tempdir().unwrap();
+    let v = Vault::start(&tmp.path().join("data")).await;
+    v.push_dir("m", &model_dir(tmp.path())).await;
+    let require = [("rtmr0".to_string(), "ab".to_string())]
+        .into_iter()
+        .collect();
+    assert!(
+        v.admin()
+            .await
+            .allow_with("m", "sim", MEASUREMENT, require)
+            .await
+            .unwrap()
+    );
+    let rules = v.admin().await.access_rules(Some("m")).await.unwrap();
+    assert_eq!(
+        rules[0].require.get("rtmr0").map(String::as_str),
+        Some("ab")
+    );
+    let r = v
+        .node()
+        .await
+        .fetch(
+            "m",
+            &FetchOptions::default(),
+            &v.attester(MEASUREMENT),
+            &mut DirSink::new(&tmp.path().join("o")),
+            &mut |_, _| {},
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(r.code(), Some(Code::PermissionDenied));
+    let msg = r.to_string();
+    assert!(
+        msg.contains(&format!(
+            "rule m/sim/{MEASUREMENT} requires rtmr0=ab, the evidence has none"
+        )),
+        "{msg}"
+    );
+    let e = last_entry(&v).await;
+    assert_eq!(
+        (e["action"].as_str(), e["decision"].as_str()),
+        (Some("grant"), Some("deny"))
+    );
+    assert!(e["reason"].as_str().unwrap().contains("requires rtmr0=ab"));
+}

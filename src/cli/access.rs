@@ -15,9 +15,14 @@ pub enum AccessCmd {
         /// TEE kind of the nodes: sim.
         #[arg(long)]
         tee: String,
-        /// Measurement as lowercase hex (sim: the value the node's evidence reports).
+        /// Measurement as lowercase hex: SNP MEASUREMENT, TDX MRTD, Nitro PCR0, TPM PCR digest,
+        /// sim: the value the node's evidence reports.
         #[arg(long)]
         measurement: String,
+        /// A further claim the evidence must carry, CLAIM=VALUE (for example rtmr0=<hex> or
+        /// pcr8=<hex>; names in docs/attestation.md); repeatable.
+        #[arg(long = "require", value_name = "CLAIM=VALUE")]
+        require: Vec<String>,
         #[command(flatten)]
         conn: ConnArgs,
     },
@@ -35,11 +40,20 @@ pub async fn run(cmd: AccessCmd) -> anyhow::Result<ExitCode> {
             name,
             tee,
             measurement,
+            require,
             conn,
         } => {
+            let require = require
+                .iter()
+                .map(|kv| {
+                    kv.split_once('=')
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .ok_or_else(|| anyhow::anyhow!("--require {kv:?} is not CLAIM=VALUE"))
+                })
+                .collect::<anyhow::Result<_>>()?;
             let mut client = AdminClient::new(conn.endpoint(true)?.connect().await?);
             let created = client
-                .allow(&name, &tee, &measurement.to_ascii_lowercase())
+                .allow_with(&name, &tee, &measurement.to_ascii_lowercase(), require)
                 .await?;
             println!(
                 "{} {tee} measurement {} for model {name}",
@@ -58,7 +72,20 @@ pub async fn run(cmd: AccessCmd) -> anyhow::Result<ExitCode> {
                 println!("no access rules");
             }
             for r in rules {
-                println!("{:<32} {:<6} {}", r.model, r.tee, r.measurement);
+                let mut require: Vec<String> =
+                    r.require.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                require.sort();
+                println!(
+                    "{:<32} {:<12} {}{}",
+                    r.model,
+                    r.tee,
+                    r.measurement,
+                    if require.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" requires {}", require.join(","))
+                    }
+                );
             }
         }
     }

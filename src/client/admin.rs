@@ -121,12 +121,25 @@ impl AdminClient {
         tee: &str,
         measurement: &str,
     ) -> Result<bool, ClientError> {
+        self.allow_with(model, tee, measurement, Default::default())
+            .await
+    }
+
+    /// Like [`Self::allow`], with further claims the evidence must carry.
+    pub async fn allow_with(
+        &mut self,
+        model: &str,
+        tee: &str,
+        measurement: &str,
+        require: std::collections::HashMap<String, String>,
+    ) -> Result<bool, ClientError> {
         Ok(self
             .inner
             .allow_access(AllowAccessRequest {
                 model: model.to_string(),
                 tee: tee.to_string(),
                 measurement: measurement.to_string(),
+                require,
             })
             .await?
             .into_inner()

@@ -119,7 +119,7 @@ impl AccessApproved {
     }
 }
 
-/// Why access was refused; `Display` is safe to show the node.
+/// Why access was refused; `Display` is safe to show the node and names the rule that failed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AccessDenied {
     #[error("no access rule allows {tee} measurement {measurement} to read model {model}")]
@@ -127,6 +127,18 @@ pub enum AccessDenied {
         model: String,
         tee: String,
         measurement: String,
+    },
+    #[error(
+        "rule {model}/{tee}/{measurement} requires {claim}={expected}, the evidence has {}",
+        actual.as_deref().unwrap_or("none")
+    )]
+    RequirementFailed {
+        model: String,
+        tee: String,
+        measurement: String,
+        claim: String,
+        expected: String,
+        actual: Option<String>,
     },
 }
 
@@ -147,9 +159,37 @@ pub fn decide(
     grant_ttl_ms: u64,
 ) -> Result<AccessApproved, AccessDenied> {
     let claims = session.claims();
-    let rule = rules.iter().find(|r| {
+    let candidates = rules.iter().filter(|r| {
         r.model == model && r.tee == claims.tee.as_str() && r.measurement == claims.measurement
     });
+    let mut first_failure = None;
+    let mut rule = None;
+    for r in candidates {
+        let unmet = r
+            .require
+            .iter()
+            .find(|(k, v)| claims.details.get(*k) != Some(*v));
+        match unmet {
+            None => {
+                rule = Some(r);
+                break;
+            }
+            Some((k, v)) if first_failure.is_none() => {
+                first_failure = Some(AccessDenied::RequirementFailed {
+                    model: model.to_string(),
+                    tee: r.tee.clone(),
+                    measurement: r.measurement.clone(),
+                    claim: k.clone(),
+                    expected: v.clone(),
+                    actual: claims.details.get(k).cloned(),
+                });
+            }
+            Some(_) => {}
+        }
+    }
+    if let (None, Some(denied)) = (rule, first_failure) {
+        return Err(denied);
+    }
     match rule {
         Some(rule) => Ok(AccessApproved {
             grant_id,
@@ -234,8 +274,38 @@ mod tests {
             model: model.into(),
             tee: tee.into(),
             measurement: m.into(),
+            require: Default::default(),
             created_ms: 0,
         }
+    }
+
+    #[test]
+    fn required_claims_must_all_match() {
+        let mut strict = rule("m", "sim", "aa");
+        strict.require.insert("rtmr0".into(), "01".into());
+        strict.require.insert("pcr8".into(), "02".into());
+        let mut s = session("aa");
+        s.claims.details.insert("rtmr0".into(), "01".into());
+        let denied =
+            decide("g".into(), &s, "m", 1, std::slice::from_ref(&strict), 0, 1).unwrap_err();
+        assert_eq!(
+            denied.to_string(),
+            "rule m/sim/aa requires pcr8=02, the evidence has none"
+        );
+        s.claims.details.insert("pcr8".into(), "03".into());
+        let denied =
+            decide("g".into(), &s, "m", 1, std::slice::from_ref(&strict), 0, 1).unwrap_err();
+        assert!(
+            denied
+                .to_string()
+                .ends_with("requires pcr8=02, the evidence has 03")
+        );
+        s.claims.details.insert("pcr8".into(), "02".into());
+        assert!(decide("g".into(), &s, "m", 1, std::slice::from_ref(&strict), 0, 1).is_ok());
+        // A looser rule for the same measurement also allows.
+        let loose = rule("m", "sim", "aa");
+        let s = session("aa");
+        assert!(decide("g".into(), &s, "m", 1, &[strict, loose], 0, 1).is_ok());
     }
 
     #[test]

@@ -383,8 +383,9 @@ impl AdminApi {
         check_model_name(&req.model)?;
         let tee: TeeKind = req.tee.parse().map_err(|_| {
             ApiError::InvalidArgument(format!(
-                "unknown tee {:?}; known: sim",
-                req.tee.chars().take(32).collect::<String>()
+                "unknown tee {:?}; known: {}",
+                req.tee.chars().take(32).collect::<String>(),
+                TeeKind::ALL.map(TeeKind::as_str).join(", ")
             ))
         })?;
         let m = &req.measurement;
@@ -410,10 +411,30 @@ impl AdminApi {
                 req.model
             )));
         }
+        if req.require.len() > 16 {
+            return Err(ApiError::InvalidArgument(
+                "at most 16 required claims per rule".into(),
+            ));
+        }
+        for (k, val) in &req.require {
+            let key_ok = !k.is_empty()
+                && k.len() <= 32
+                && k.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_')
+                });
+            let val_ok = !val.is_empty() && val.len() <= 256 && !val.chars().any(char::is_control);
+            if !key_ok || !val_ok {
+                return Err(ApiError::InvalidArgument(format!(
+                    "required claim {:?}: names are 1-32 characters of [a-z0-9._], values 1-256 printable characters",
+                    k.chars().take(32).collect::<String>()
+                )));
+            }
+        }
         let rule = AccessRule {
             model: req.model.clone(),
             tee: tee.to_string(),
             measurement: m.clone(),
+            require: req.require.into_iter().collect(),
             created_ms: v.now(),
         };
         let created = v
@@ -426,14 +447,25 @@ impl AdminApi {
         entry.tee = Some(rule.tee);
         entry.measurement = Some(rule.measurement);
         entry.simulated = (tee == TeeKind::Sim).then_some(true);
-        entry.reason = Some(
+        let requires = rule
+            .require
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        entry.reason = Some(format!(
+            "{}{}",
             if created {
                 "rule added"
             } else {
                 "rule already present"
+            },
+            if requires.is_empty() {
+                String::new()
+            } else {
+                format!("; requires {requires}")
             }
-            .into(),
-        );
+        ));
         v.record(rid, entry).await?;
         Ok(AllowAccessResponse { created })
     }
@@ -539,6 +571,7 @@ impl AdminService for AdminApi {
                     tee: r.tee,
                     measurement: r.measurement,
                     created_ms: r.created_ms,
+                    require: r.require.into_iter().collect(),
                 })
                 .collect(),
         }))

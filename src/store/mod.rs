@@ -57,12 +57,14 @@ pub struct ModelSummary {
     pub versions: u32,
 }
 
-/// An admin rule: nodes of `tee` whose evidence carries `measurement` may read `model`.
+/// An admin rule: nodes of `tee` whose evidence carries `measurement`, and every claim detail
+/// in `require` with exactly that value, may read `model`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccessRule {
     pub model: String,
     pub tee: String,
     pub measurement: String,
+    pub require: std::collections::BTreeMap<String, String>,
     pub created_ms: UnixMs,
 }
 

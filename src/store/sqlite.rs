@@ -45,6 +45,16 @@ CREATE TABLE grants (
 CREATE TABLE checkpoints (size INTEGER PRIMARY KEY, root BLOB NOT NULL, note TEXT NOT NULL,
     created_ms INTEGER NOT NULL);
 "#,
+    r#"
+CREATE TABLE access_rules_v3 (
+    model TEXT NOT NULL, tee TEXT NOT NULL, measurement TEXT NOT NULL,
+    require TEXT NOT NULL DEFAULT '{}', created_ms INTEGER NOT NULL,
+    PRIMARY KEY (model, tee, measurement, require));
+INSERT INTO access_rules_v3 (model, tee, measurement, require, created_ms)
+    SELECT model, tee, measurement, '{}', created_ms FROM access_rules;
+DROP TABLE access_rules;
+ALTER TABLE access_rules_v3 RENAME TO access_rules;
+"#,
 ];
 
 /// Every write transaction starts with `BEGIN IMMEDIATE`: it takes the write lock up front and
@@ -377,12 +387,14 @@ impl MetadataStore for SqliteStore {
 
     async fn add_rule(&self, rule: &AccessRule) -> Result<bool, StoreError> {
         let r = sqlx::query(
-            "INSERT OR IGNORE INTO access_rules (model, tee, measurement, created_ms) \
-             VALUES (?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO access_rules (model, tee, measurement, require, created_ms) \
+             VALUES (?, ?, ?, ?, ?)",
         )
         .bind(&rule.model)
         .bind(&rule.tee)
         .bind(&rule.measurement)
+        // A BTreeMap serializes with sorted keys: one text per set of requirements.
+        .bind(serde_json::to_string(&rule.require).expect("map serializes"))
         .bind(i(rule.created_ms))
         .execute(&self.pool)
         .await?;
@@ -391,8 +403,8 @@ impl MetadataStore for SqliteStore {
 
     async fn rules(&self, model: Option<&str>) -> Result<Vec<AccessRule>, StoreError> {
         let rows = sqlx::query(
-            "SELECT model, tee, measurement, created_ms FROM access_rules \
-             WHERE ?1 IS NULL OR model = ?1 ORDER BY model, tee, measurement",
+            "SELECT model, tee, measurement, require, created_ms FROM access_rules \
+             WHERE ?1 IS NULL OR model = ?1 ORDER BY model, tee, measurement, require",
         )
         .bind(model)
         .fetch_all(&self.pool)
@@ -403,6 +415,8 @@ impl MetadataStore for SqliteStore {
                     model: r.try_get("model")?,
                     tee: r.try_get("tee")?,
                     measurement: r.try_get("measurement")?,
+                    require: serde_json::from_str(&r.try_get::<String, _>("require")?)
+                        .map_err(|e| StoreError::Corrupt(format!("rule requirements: {e}")))?,
                     created_ms: u(r.try_get("created_ms")?),
                 })
             })
