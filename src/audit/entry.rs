@@ -20,6 +20,10 @@ pub enum Action {
     FetchEnd,
     Push,
     AccessAllow,
+    /// An allow rule was removed.
+    AccessDeny,
+    /// A grant, node, measurement or model was revoked.
+    Revoke,
     KeyCreate,
     /// Written when the log has been quiet for a while, so a quiet period is told from a gap.
     Heartbeat,

@@ -4,6 +4,7 @@
 pub mod access;
 pub mod attest;
 pub mod audit;
+pub mod grants;
 pub mod model;
 pub mod node;
 pub mod serve;
@@ -39,6 +40,9 @@ pub enum Command {
     /// Decide which attested nodes may read which model (admin).
     #[command(subcommand)]
     Access(access::AccessCmd),
+    /// List grants with expiry and bytes served (admin).
+    #[command(subcommand)]
+    Grants(grants::GrantsCmd),
     /// Inference-node commands: attest and fetch weights.
     #[command(subcommand)]
     Node(node::NodeCmd),
@@ -122,6 +126,7 @@ pub fn main() -> ExitCode {
             Command::Model(c) => model::run(c).await,
             Command::Access(c) => access::run(c).await,
             Command::Node(c) => node::run(c).await,
+            Command::Grants(c) => grants::run(c).await,
             Command::Audit(c) => audit::run(c).await,
             Command::Attest(c) => attest::run(c).await,
         }

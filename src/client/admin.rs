@@ -159,4 +159,67 @@ impl AdminClient {
             .into_inner()
             .rules)
     }
+
+    /// Removes an allow rule (NOT_FOUND if there is none).
+    pub async fn deny(
+        &mut self,
+        model: &str,
+        tee: &str,
+        measurement: &str,
+        require: std::collections::HashMap<String, String>,
+    ) -> Result<(), ClientError> {
+        self.inner
+            .deny_access(crate::proto::v1::DenyAccessRequest {
+                model: model.to_string(),
+                tee: tee.to_string(),
+                measurement: measurement.to_string(),
+                require,
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Revokes; returns the number of grants invalidated.
+    pub async fn revoke(
+        &mut self,
+        target: crate::proto::v1::revoke_request::Target,
+        reason: &str,
+    ) -> Result<u64, ClientError> {
+        Ok(self
+            .inner
+            .revoke(crate::proto::v1::RevokeRequest {
+                target: Some(target),
+                reason: reason.to_string(),
+            })
+            .await?
+            .into_inner()
+            .grants_revoked)
+    }
+
+    pub async fn revocations(&mut self) -> Result<Vec<crate::proto::v1::Revocation>, ClientError> {
+        Ok(self
+            .inner
+            .list_revocations(crate::proto::v1::ListRevocationsRequest {})
+            .await?
+            .into_inner()
+            .revocations)
+    }
+
+    pub async fn grants(
+        &mut self,
+        model: Option<&str>,
+        node: Option<&str>,
+        all: bool,
+    ) -> Result<Vec<crate::proto::v1::GrantInfo>, ClientError> {
+        Ok(self
+            .inner
+            .list_grants(crate::proto::v1::ListGrantsRequest {
+                model: model.unwrap_or_default().to_string(),
+                node: node.unwrap_or_default().to_string(),
+                all,
+            })
+            .await?
+            .into_inner()
+            .grants)
+    }
 }

@@ -11,7 +11,7 @@ use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use crate::attest::{AttestationVerified, Claims};
 use crate::audit::AuditDurable;
 use crate::keys::Dek;
-use crate::store::{AccessRule, GrantRecord, SessionRecord};
+use crate::store::{AccessRule, GrantRecord, Revocation, RevocationKind, SessionRecord};
 use crate::time::UnixMs;
 
 /// A challenge nonce is refused this long after it was issued (DESIGN.md step 1).
@@ -147,6 +147,26 @@ pub fn new_grant_id() -> Result<String, GrantError> {
     Ok(format!("g-{}", hex::encode(random::<16>()?)))
 }
 
+/// The revocation, if any, that forbids new grants of `model`@`version` to this session.
+pub fn revoked_for(
+    revocations: &[Revocation],
+    session: &AttestedSession,
+    model: &str,
+    version: u64,
+) -> Option<String> {
+    let claims = session.claims();
+    let versioned = format!("{model}@{version}");
+    revocations.iter().find_map(|r| {
+        let hit = match r.kind {
+            RevocationKind::Grant => false,
+            RevocationKind::Node => r.value == claims.instance_id,
+            RevocationKind::Measurement => r.value == claims.measurement,
+            RevocationKind::Model => r.value == model || r.value == versioned,
+        };
+        hit.then(|| format!("{} {} is revoked", r.kind.as_str(), r.value))
+    })
+}
+
 /// The access decision: a rule for this model must name the session's TEE and measurement.
 /// On approval the grant gets `grant_id` and expires `grant_ttl_ms` after `now`.
 pub fn decide(
@@ -238,6 +258,9 @@ pub fn mint(
             model: approval.model,
             version: approval.version,
             node_public_key: session.node_public_key,
+            instance_id: session.claims.instance_id.clone(),
+            tee: session.claims.tee.to_string(),
+            measurement: session.claims.measurement.clone(),
             created_ms: now,
             not_after_ms: approval.not_after_ms,
             revoked: false,

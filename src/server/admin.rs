@@ -20,12 +20,20 @@ use crate::envelope::{FileContext, FileSealer, Header, TAG_LEN};
 use crate::keys::Dek;
 use crate::proto::v1::admin_service_server::AdminService;
 use crate::proto::v1::push_model_request::Msg;
+use crate::proto::v1::revoke_request::Target;
 use crate::proto::v1::{
     AccessRule as PbRule, AllowAccessRequest, AllowAccessResponse, FileInfo, GetModelRequest,
     GetModelResponse, ListAccessRequest, ListAccessResponse, ListModelsRequest, ListModelsResponse,
     ModelSummary as PbSummary, PushModelRequest, PushModelResponse, VersionInfo,
 };
-use crate::store::{AccessRule, StoreError, VersionRecord, chunk_key, version_prefix};
+use crate::proto::v1::{
+    DenyAccessRequest, DenyAccessResponse, GrantInfo, ListGrantsRequest, ListGrantsResponse,
+    ListRevocationsRequest, ListRevocationsResponse, Revocation as PbRevocation, RevokeRequest,
+    RevokeResponse,
+};
+use crate::store::{
+    AccessRule, Revocation, RevocationKind, StoreError, VersionRecord, chunk_key, version_prefix,
+};
 
 pub struct AdminApi {
     vault: Arc<Vault>,
@@ -572,6 +580,183 @@ impl AdminService for AdminApi {
                     measurement: r.measurement,
                     created_ms: r.created_ms,
                     require: r.require.into_iter().collect(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn deny_access(
+        &self,
+        req: Request<DenyAccessRequest>,
+    ) -> Result<Response<DenyAccessResponse>, Status> {
+        let rid = request_id();
+        let actor = self
+            .vault
+            .roles
+            .require(&req, Role::Admin)
+            .map_err(|e| e.into_status(&rid))?;
+        let r = req.into_inner();
+        let rule = AccessRule {
+            model: r.model,
+            tee: r.tee,
+            measurement: r.measurement.to_ascii_lowercase(),
+            require: r.require.into_iter().collect(),
+            created_ms: 0,
+        };
+        let removed = self
+            .vault
+            .store
+            .remove_rule(&rule)
+            .await
+            .map_err(|e| internal(&rid, "removing rule", e).into_status(&rid))?;
+        let mut entry = self.vault.entry(Action::AccessDeny, Decision::Info, actor);
+        entry.model = Some(rule.model.chars().take(128).collect());
+        entry.tee = Some(rule.tee.chars().take(32).collect());
+        entry.measurement = Some(rule.measurement.chars().take(128).collect());
+        entry.reason = Some(
+            if removed {
+                "rule removed"
+            } else {
+                "no such rule"
+            }
+            .into(),
+        );
+        self.vault
+            .record(&rid, entry)
+            .await
+            .map_err(|e| e.into_status(&rid))?;
+        if !removed {
+            return Err(ApiError::NotFound("no such access rule".into()).into_status(&rid));
+        }
+        Ok(Response::new(DenyAccessResponse { removed }))
+    }
+
+    async fn revoke(
+        &self,
+        req: Request<RevokeRequest>,
+    ) -> Result<Response<RevokeResponse>, Status> {
+        let rid = request_id();
+        let actor = self
+            .vault
+            .roles
+            .require(&req, Role::Admin)
+            .map_err(|e| e.into_status(&rid))?;
+        let r = req.into_inner();
+        let bad = |m: &str| ApiError::InvalidArgument(m.to_string()).into_status(&rid);
+        let (kind, value) = match r.target {
+            Some(Target::GrantId(g)) if !g.is_empty() && g.len() <= 64 => {
+                (RevocationKind::Grant, g)
+            }
+            Some(Target::Node(n)) if !n.is_empty() && n.len() <= 128 => (RevocationKind::Node, n),
+            Some(Target::Measurement(m))
+                if !m.is_empty() && m.len() <= 128 && m.bytes().all(|b| b.is_ascii_hexdigit()) =>
+            {
+                (RevocationKind::Measurement, m.to_ascii_lowercase())
+            }
+            Some(Target::Model(m)) => {
+                let (name, version) = match m.split_once('@') {
+                    Some((n, v)) => (n, Some(v)),
+                    None => (m.as_str(), None),
+                };
+                check_model_name(name).map_err(|e| e.into_status(&rid))?;
+                if version.is_some_and(|v| v.parse::<u64>().map_or(true, |v| v == 0)) {
+                    return Err(bad("model version after @ must be a positive integer"));
+                }
+                (RevocationKind::Model, m)
+            }
+            _ => {
+                return Err(bad(
+                    "give exactly one of grant id, node, measurement (hex) or model[@version]",
+                ));
+            }
+        };
+        let rev = Revocation {
+            kind,
+            value,
+            created_ms: self.vault.now(),
+            reason: r.reason.chars().take(256).collect(),
+        };
+        // On the record first: a revocation takes effect only once it is logged.
+        let mut entry = self.vault.entry(Action::Revoke, Decision::Info, actor);
+        entry.reason = Some(format!("{} {}: {}", kind.as_str(), rev.value, rev.reason));
+        if kind == RevocationKind::Grant {
+            entry.grant_id = Some(rev.value.clone());
+        }
+        self.vault
+            .record(&rid, entry)
+            .await
+            .map_err(|e| e.into_status(&rid))?;
+        let grants_revoked = self
+            .vault
+            .store
+            .revoke(&rev)
+            .await
+            .map_err(|e| internal(&rid, "revoking", e).into_status(&rid))?;
+        Ok(Response::new(RevokeResponse { grants_revoked }))
+    }
+
+    async fn list_revocations(
+        &self,
+        req: Request<ListRevocationsRequest>,
+    ) -> Result<Response<ListRevocationsResponse>, Status> {
+        let rid = request_id();
+        self.vault
+            .roles
+            .require(&req, Role::Admin)
+            .map_err(|e| e.into_status(&rid))?;
+        let list = self
+            .vault
+            .store
+            .revocations()
+            .await
+            .map_err(|e| internal(&rid, "listing revocations", e).into_status(&rid))?;
+        Ok(Response::new(ListRevocationsResponse {
+            revocations: list
+                .into_iter()
+                .map(|r| PbRevocation {
+                    kind: r.kind.as_str().into(),
+                    value: r.value,
+                    created_ms: r.created_ms,
+                    reason: r.reason,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn list_grants(
+        &self,
+        req: Request<ListGrantsRequest>,
+    ) -> Result<Response<ListGrantsResponse>, Status> {
+        let rid = request_id();
+        self.vault
+            .roles
+            .require(&req, Role::Admin)
+            .map_err(|e| e.into_status(&rid))?;
+        let r = req.into_inner();
+        let grants = self
+            .vault
+            .store
+            .grants(
+                (!r.model.is_empty()).then_some(r.model.as_str()),
+                (!r.node.is_empty()).then_some(r.node.as_str()),
+                (!r.all).then(|| self.vault.now()),
+            )
+            .await
+            .map_err(|e| internal(&rid, "listing grants", e).into_status(&rid))?;
+        Ok(Response::new(ListGrantsResponse {
+            grants: grants
+                .into_iter()
+                .map(|g| GrantInfo {
+                    grant_id: g.grant_id,
+                    model: g.model,
+                    version: g.version,
+                    node: g.instance_id,
+                    tee: g.tee,
+                    measurement: g.measurement,
+                    created_ms: g.created_ms,
+                    not_after_ms: g.not_after_ms,
+                    revoked: g.revoked,
+                    bytes_served: g.bytes_served,
                 })
                 .collect(),
         }))

@@ -267,6 +267,16 @@ impl NodeApi {
             .await
             .map_err(|e| internal(rid, "loading rules", e))?;
         let now = v.now();
+        let revocations = v
+            .store
+            .revocations()
+            .await
+            .map_err(|e| internal(rid, "loading revocations", e))?;
+        if let Some(why) = grant::revoked_for(&revocations, &session, &req.model, version.version) {
+            entry.reason = Some(why.clone());
+            v.record(rid, entry).await?;
+            return Err(ApiError::PermissionDenied(format!("access denied: {why}")));
+        }
         let grant_id = grant::new_grant_id().map_err(|e| internal(rid, "rng", e))?;
         let approval = match grant::decide(
             grant_id,

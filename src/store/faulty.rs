@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use async_trait::async_trait;
 
 use super::{
-    AccessRule, CheckpointRecord, GrantRecord, KekRecord, MetadataStore, ModelSummary,
+    AccessRule, CheckpointRecord, GrantRecord, KekRecord, MetadataStore, ModelSummary, Revocation,
     SessionRecord, StoreError, VersionRecord,
 };
 use crate::time::UnixMs;
@@ -161,6 +161,27 @@ impl MetadataStore for FaultyStore {
 
     async fn put_grant(&self, g: &GrantRecord) -> Result<(), StoreError> {
         self.inner.put_grant(g).await
+    }
+
+    async fn grants(
+        &self,
+        model: Option<&str>,
+        node: Option<&str>,
+        live_at: Option<UnixMs>,
+    ) -> Result<Vec<GrantRecord>, StoreError> {
+        self.inner.grants(model, node, live_at).await
+    }
+
+    async fn revoke(&self, r: &Revocation) -> Result<u64, StoreError> {
+        self.inner.revoke(r).await
+    }
+
+    async fn revocations(&self) -> Result<Vec<Revocation>, StoreError> {
+        self.inner.revocations().await
+    }
+
+    async fn remove_rule(&self, rule: &AccessRule) -> Result<bool, StoreError> {
+        self.inner.remove_rule(rule).await
     }
 
     async fn get_grant(&self, grant_id: &str) -> Result<Option<GrantRecord>, StoreError> {

@@ -80,6 +80,43 @@ pub struct SessionRecord {
     pub expires_ms: UnixMs,
 }
 
+/// What a revocation targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RevocationKind {
+    Grant,
+    /// A node identity (`instance_id` of the claims).
+    Node,
+    /// A measurement, whatever the TEE.
+    Measurement,
+    /// A model (`value` = name) or one version of it (`value` = name@version).
+    Model,
+}
+
+impl RevocationKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RevocationKind::Grant => "grant",
+            RevocationKind::Node => "node",
+            RevocationKind::Measurement => "measurement",
+            RevocationKind::Model => "model",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Grant, Self::Node, Self::Measurement, Self::Model]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revocation {
+    pub kind: RevocationKind,
+    pub value: String,
+    pub created_ms: UnixMs,
+    pub reason: String,
+}
+
 #[derive(Debug, Clone)]
 pub struct GrantRecord {
     pub grant_id: String,
@@ -87,6 +124,10 @@ pub struct GrantRecord {
     pub model: String,
     pub version: u64,
     pub node_public_key: [u8; 32],
+    /// From the claims the grant was issued on, for revocation by node or measurement.
+    pub instance_id: String,
+    pub tee: String,
+    pub measurement: String,
     pub created_ms: UnixMs,
     pub not_after_ms: UnixMs,
     pub revoked: bool,
@@ -189,6 +230,19 @@ pub trait MetadataStore: Send + Sync + 'static {
     async fn latest_checkpoint(&self) -> Result<Option<CheckpointRecord>, StoreError>;
 
     async fn put_grant(&self, g: &GrantRecord) -> Result<(), StoreError>;
+    /// Grants, newest first; `live_at` keeps only unrevoked grants not expired at that time.
+    async fn grants(
+        &self,
+        model: Option<&str>,
+        node: Option<&str>,
+        live_at: Option<UnixMs>,
+    ) -> Result<Vec<GrantRecord>, StoreError>;
+    /// Records a revocation and marks every grant it covers revoked, atomically; returns how
+    /// many grants it invalidated.
+    async fn revoke(&self, r: &Revocation) -> Result<u64, StoreError>;
+    async fn revocations(&self) -> Result<Vec<Revocation>, StoreError>;
+    /// Removes an allow rule; returns whether it existed.
+    async fn remove_rule(&self, rule: &AccessRule) -> Result<bool, StoreError>;
     async fn get_grant(&self, grant_id: &str) -> Result<Option<GrantRecord>, StoreError>;
     /// Adds to the bytes a grant has served.
     async fn add_grant_bytes(&self, grant_id: &str, bytes: u64) -> Result<(), StoreError>;

@@ -10,8 +10,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 
 use super::{
-    AccessRule, CheckpointRecord, GrantRecord, KekRecord, MetadataStore, ModelSummary,
-    SessionRecord, StoreError, VersionRecord,
+    AccessRule, CheckpointRecord, GrantRecord, KekRecord, MetadataStore, ModelSummary, Revocation,
+    RevocationKind, SessionRecord, StoreError, VersionRecord,
 };
 use crate::time::UnixMs;
 
@@ -54,6 +54,15 @@ INSERT INTO access_rules_v3 (model, tee, measurement, require, created_ms)
     SELECT model, tee, measurement, '{}', created_ms FROM access_rules;
 DROP TABLE access_rules;
 ALTER TABLE access_rules_v3 RENAME TO access_rules;
+"#,
+    r#"
+ALTER TABLE grants ADD COLUMN instance_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE grants ADD COLUMN tee TEXT NOT NULL DEFAULT '';
+ALTER TABLE grants ADD COLUMN measurement TEXT NOT NULL DEFAULT '';
+CREATE INDEX grants_by_model ON grants (model, version);
+CREATE TABLE revocations (
+    kind TEXT NOT NULL, value TEXT NOT NULL, created_ms INTEGER NOT NULL, reason TEXT NOT NULL,
+    PRIMARY KEY (kind, value));
 "#,
 ];
 
@@ -150,6 +159,9 @@ impl SqliteStore {
             node_public_key: fixed(row.try_get("node_public_key")?, "node_public_key")?,
             created_ms: u(row.try_get("created_ms")?),
             not_after_ms: u(row.try_get("not_after_ms")?),
+            instance_id: row.try_get("instance_id")?,
+            tee: row.try_get("tee")?,
+            measurement: row.try_get("measurement")?,
             revoked: row.try_get::<i64, _>("revoked")? != 0,
             bytes_served: u(row.try_get("bytes_served")?),
         })
@@ -547,7 +559,8 @@ impl MetadataStore for SqliteStore {
     async fn put_grant(&self, g: &GrantRecord) -> Result<(), StoreError> {
         sqlx::query(
             "INSERT INTO grants (grant_id, session_sha256, model, version, node_public_key, \
-             created_ms, not_after_ms, revoked, bytes_served) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             created_ms, not_after_ms, revoked, bytes_served, instance_id, tee, measurement) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&g.grant_id)
         .bind(g.session_sha256.as_slice())
@@ -558,9 +571,101 @@ impl MetadataStore for SqliteStore {
         .bind(i(g.not_after_ms))
         .bind(i64::from(g.revoked))
         .bind(i(g.bytes_served))
+        .bind(&g.instance_id)
+        .bind(&g.tee)
+        .bind(&g.measurement)
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    async fn grants(
+        &self,
+        model: Option<&str>,
+        node: Option<&str>,
+        live_at: Option<UnixMs>,
+    ) -> Result<Vec<GrantRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT * FROM grants WHERE (?1 IS NULL OR model = ?1) AND (?2 IS NULL OR instance_id = ?2) \
+             AND (?3 IS NULL OR (revoked = 0 AND not_after_ms > ?3)) ORDER BY created_ms DESC LIMIT 10000",
+        )
+        .bind(model)
+        .bind(node)
+        .bind(live_at.map(i))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(Self::grant_from_row).collect()
+    }
+
+    async fn revoke(&self, r: &Revocation) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query(
+            "INSERT OR REPLACE INTO revocations (kind, value, created_ms, reason) VALUES (?, ?, ?, ?)",
+        )
+        .bind(r.kind.as_str())
+        .bind(&r.value)
+        .bind(i(r.created_ms))
+        .bind(&r.reason)
+        .execute(&mut *tx)
+        .await?;
+        let update = match r.kind {
+            RevocationKind::Grant => {
+                sqlx::query("UPDATE grants SET revoked = 1 WHERE revoked = 0 AND grant_id = ?")
+                    .bind(&r.value)
+            }
+            RevocationKind::Node => {
+                sqlx::query("UPDATE grants SET revoked = 1 WHERE revoked = 0 AND instance_id = ?")
+                    .bind(&r.value)
+            }
+            RevocationKind::Measurement => {
+                sqlx::query("UPDATE grants SET revoked = 1 WHERE revoked = 0 AND measurement = ?")
+                    .bind(&r.value)
+            }
+            RevocationKind::Model => match r.value.split_once('@') {
+                Some((m, v)) => {
+                    let v: i64 = v.parse().map_err(|_| {
+                        StoreError::Corrupt(format!("revocation value {:?}", r.value))
+                    })?;
+                    sqlx::query("UPDATE grants SET revoked = 1 WHERE revoked = 0 AND model = ? AND version = ?").bind(m.to_string()).bind(v)
+                }
+                None => {
+                    sqlx::query("UPDATE grants SET revoked = 1 WHERE revoked = 0 AND model = ?")
+                        .bind(&r.value)
+                }
+            },
+        };
+        let n = update.execute(&mut *tx).await?.rows_affected();
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    async fn revocations(&self) -> Result<Vec<Revocation>, StoreError> {
+        let rows = sqlx::query("SELECT kind, value, created_ms, reason FROM revocations ORDER BY created_ms, kind, value")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                let kind: String = r.try_get("kind")?;
+                Ok(Revocation {
+                    kind: RevocationKind::parse(&kind)
+                        .ok_or_else(|| StoreError::Corrupt(format!("revocation kind {kind:?}")))?,
+                    value: r.try_get("value")?,
+                    created_ms: u(r.try_get("created_ms")?),
+                    reason: r.try_get("reason")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn remove_rule(&self, rule: &AccessRule) -> Result<bool, StoreError> {
+        let r = sqlx::query("DELETE FROM access_rules WHERE model = ? AND tee = ? AND measurement = ? AND require = ?")
+            .bind(&rule.model)
+            .bind(&rule.tee)
+            .bind(&rule.measurement)
+            .bind(serde_json::to_string(&rule.require).expect("map serializes"))
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() == 1)
     }
 
     async fn get_grant(&self, grant_id: &str) -> Result<Option<GrantRecord>, StoreError> {

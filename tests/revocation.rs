@@ -1,0 +1,259 @@
+//! Revocation: by grant, node, measurement and model[@version]; a running stream stops within
+//! one chunk; revocations survive restart and are on the record; deny removes a rule.
+
+mod common;
+
+use common::{MEASUREMENT, Vault, model_dir, with_action};
+use tonic::Code;
+use weightvault::client::node::{DirSink, FetchOptions};
+use weightvault::proto::v1::FetchWeightsRequest;
+use weightvault::proto::v1::node_service_client::NodeServiceClient;
+use weightvault::proto::v1::revoke_request::Target;
+use weightvault::server::MAX_MESSAGE;
+
+async fn fetch(
+    v: &Vault,
+    out: &std::path::Path,
+) -> Result<weightvault::client::node::FetchReport, weightvault::client::ClientError> {
+    v.node()
+        .await
+        .fetch(
+            "m",
+            &FetchOptions::default(),
+            &v.attester(MEASUREMENT),
+            &mut DirSink::new(out),
+            &mut |_, _| {},
+        )
+        .await
+}
+
+#[tokio::test]
+async fn revoking_a_grant_stops_its_running_stream() {
+    let tmp = tempfile::tempdir().unwrap();
+    let v = Vault::start(&tmp.path().join("data")).await;
+    let src = tmp.path().join("big");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("w.bin"), common::bytes(40_000_000, 9)).unwrap();
+    v.push_dir("m", &src).await;
+    v.admin()
+        .await
+        .allow("m", "sim", MEASUREMENT)
+        .await
+        .unwrap();
+
+    // Attest and get a grant through the library, then stream by hand so the test controls pace.
+    use weightvault::attest::report_data;
+    use weightvault::client::node::Attester;
+    use weightvault::grant::hpke::NodeKeyPair;
+    use weightvault::proto::v1::{AttestRequest, GetChallengeRequest, RequestGrantRequest};
+    let mut c =
+        NodeServiceClient::new(v.channel(None).await).max_decoding_message_size(MAX_MESSAGE);
+    let keys = NodeKeyPair::generate().unwrap();
+    let nonce = c
+        .get_challenge(GetChallengeRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nonce;
+    let evidence = v
+        .attester(MEASUREMENT)
+        .evidence(&report_data(
+            &nonce.clone().try_into().unwrap(),
+            keys.public_key(),
+        ))
+        .unwrap();
+    let token = c
+        .attest(AttestRequest {
+            tee: "sim".into(),
+            evidence,
+            node_public_key: keys.public_key().to_vec(),
+            nonce,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .session_token;
+    let g = c
+        .request_grant(RequestGrantRequest {
+            session_token: token.clone(),
+            model: "m".into(),
+            version: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let live = v
+        .admin()
+        .await
+        .grants(Some("m"), None, false)
+        .await
+        .unwrap();
+    assert_eq!(live.len(), 1);
+    assert_eq!(live[0].grant_id, g.grant_id);
+    assert_eq!(live[0].node, "test-node");
+
+    let mut s = c
+        .fetch_weights(FetchWeightsRequest {
+            session_token: token,
+            grant_id: g.grant_id.clone(),
+            file: "w.bin".into(),
+            first_chunk: 0,
+            end_chunk: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.message().await.unwrap().unwrap().index, 0);
+    let n = v
+        .admin()
+        .await
+        .revoke(Target::GrantId(g.grant_id.clone()), "lost laptop")
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    let mut received = 1u64;
+    let err = loop {
+        match s.message().await {
+            Ok(Some(_)) => received += 1,
+            Ok(None) => panic!("stream completed after revocation"),
+            Err(e) => break e,
+        }
+    };
+    assert!(received < 40_000_000u64.div_ceil(64 * 1024));
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("grant revoked"), "{}", err.message());
+    assert!(
+        v.admin()
+            .await
+            .grants(Some("m"), None, false)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let all = v.admin().await.grants(Some("m"), None, true).await.unwrap();
+    assert!(all[0].revoked);
+    let entries = v.audit_entries().await;
+    let rev = with_action(&entries, "revoke");
+    assert_eq!(rev.len(), 1);
+    assert_eq!(rev[0]["grant_id"], g.grant_id.as_str());
+    assert!(rev[0]["reason"].as_str().unwrap().contains("lost laptop"));
+}
+
+#[tokio::test]
+async fn revoking_a_measurement_node_or_model_refuses_new_grants_and_survives_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut v = Vault::start(&data).await;
+    v.push_dir("m", &model_dir(tmp.path())).await;
+    v.admin()
+        .await
+        .allow("m", "sim", MEASUREMENT)
+        .await
+        .unwrap();
+    fetch(&v, &tmp.path().join("o1")).await.unwrap();
+
+    // Measurement ("TCB recovery").
+    v.admin()
+        .await
+        .revoke(Target::Measurement(MEASUREMENT.to_uppercase()), "cve")
+        .await
+        .unwrap();
+    let err = fetch(&v, &tmp.path().join("o2")).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::PermissionDenied));
+    assert!(
+        err.to_string().contains(&format!(
+            "access denied: measurement {MEASUREMENT} is revoked"
+        )),
+        "{err}"
+    );
+    assert!(!tmp.path().join("o2").exists());
+    let clock = v.clock.clone();
+    v.stop().await;
+
+    // Still revoked after a restart.
+    let v = Vault::start_with_clock(&data, clock).await;
+    let err = fetch(&v, &tmp.path().join("o3")).await.unwrap_err();
+    assert!(err.to_string().contains("is revoked"), "{err}");
+    let revs = v.admin().await.revocations().await.unwrap();
+    assert_eq!(
+        (revs[0].kind.as_str(), revs[0].value.as_str()),
+        ("measurement", MEASUREMENT)
+    );
+
+    // Node and model@version on a second model and measurement.
+    let other = "0123456789abcdef";
+    v.push_dir("m2", &model_dir(tmp.path())).await;
+    v.admin().await.allow("m2", "sim", other).await.unwrap();
+    let mut node = v.attester(other);
+    node.instance = "node-7".into();
+    let get = |attester: common::TestAttester, out: &str| {
+        let v = &v;
+        let out = tmp.path().join(out);
+        async move {
+            v.node()
+                .await
+                .fetch(
+                    "m2",
+                    &FetchOptions::default(),
+                    &attester,
+                    &mut DirSink::new(&out),
+                    &mut |_, _| {},
+                )
+                .await
+        }
+    };
+    get(v.attester(other), "a").await.unwrap();
+    v.admin()
+        .await
+        .revoke(Target::Node("node-7".into()), "")
+        .await
+        .unwrap();
+    let err = get(node, "b").await.unwrap_err();
+    assert!(err.to_string().contains("node node-7 is revoked"), "{err}");
+    get(v.attester(other), "c").await.unwrap();
+    v.admin()
+        .await
+        .revoke(Target::Model("m2@1".into()), "")
+        .await
+        .unwrap();
+    let err = get(v.attester(other), "d").await.unwrap_err();
+    assert!(err.to_string().contains("model m2@1 is revoked"), "{err}");
+    let bad = v
+        .admin()
+        .await
+        .revoke(Target::Model("m2@zero".into()), "")
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Some(Code::InvalidArgument));
+}
+
+#[tokio::test]
+async fn deny_removes_a_rule() {
+    let tmp = tempfile::tempdir().unwrap();
+    let v = Vault::start(&tmp.path().join("data")).await;
+    v.push_dir("m", &model_dir(tmp.path())).await;
+    v.admin()
+        .await
+        .allow("m", "sim", MEASUREMENT)
+        .await
+        .unwrap();
+    fetch(&v, &tmp.path().join("o1")).await.unwrap();
+    v.admin()
+        .await
+        .deny("m", "sim", MEASUREMENT, Default::default())
+        .await
+        .unwrap();
+    let err = fetch(&v, &tmp.path().join("o2")).await.unwrap_err();
+    assert!(err.to_string().contains("no access rule allows"), "{err}");
+    let again = v
+        .admin()
+        .await
+        .deny("m", "sim", MEASUREMENT, Default::default())
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Some(Code::NotFound));
+    assert_eq!(
+        with_action(&v.audit_entries().await, "access_deny").len(),
+        2
+    );
+}
