@@ -119,7 +119,7 @@ async fn replay_detects_tampering_truncation_rollback_fork_and_foreign_keys() {
         v.cfg.sim_trusted_keys(),
         weightvault::attest::sim::DEFAULT_MAX_AGE_MS,
     );
-    let evidence_ok = |_: u64, _: &weightvault::audit::AuditEntry| Ok(());
+    let evidence_ok = |_: u64, _: &weightvault::audit::AuditEntry| Ok(false);
     let run = |entries: &[Vec<u8>], note: &str, trusted: Option<&Checkpoint>| {
         replay::replay(
             &Input {
@@ -171,7 +171,7 @@ async fn replay_detects_tampering_truncation_rollback_fork_and_foreign_keys() {
                 &weightvault::attest::report_data(&nonce, &key),
                 e.time_ms,
             )
-            .map(|_| ())
+            .map(|_| true)
             .map_err(|err| err.to_string())
         },
     );

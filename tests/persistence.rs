@@ -301,3 +301,29 @@ async fn push_refuses_bad_uploads_before_committing() {
     }
     assert_eq!(blob_versions(&data), 0);
 }
+
+#[tokio::test]
+async fn a_second_vault_on_the_same_data_directory_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let mut v = Vault::start(&data).await;
+    let cfg = v.cfg.clone();
+    let err = weightvault::server::start(
+        &cfg,
+        weightvault::server::StartOptions {
+            listen: Some("127.0.0.1:0".parse().unwrap()),
+            ..Default::default()
+        },
+    )
+    .await
+    .err()
+    .expect("second vault refused");
+    assert!(
+        err.to_string().contains("is in use by another vault"),
+        "{err}"
+    );
+    // Once the first stops, the directory is free again.
+    v.stop().await;
+    let again = Vault::start(&data).await;
+    assert!(again.admin().await.list().await.unwrap().is_empty());
+}

@@ -170,9 +170,12 @@ fn evidence_needed(entries: &[Vec<u8>]) -> Vec<[u8; 32]> {
         .collect()
 }
 
-fn sim_keys(explicit: &[String], config: Option<&Path>) -> anyhow::Result<Vec<[u8; 32]>> {
+/// Trusted sim keys and the evidence age limit: from flags, an explicit --config (which must
+/// load), or the dev data directory's config when there is one.
+fn sim_keys(explicit: &[String], config: Option<&Path>) -> anyhow::Result<(Vec<[u8; 32]>, u64)> {
+    let default_age = crate::attest::sim::DEFAULT_MAX_AGE_MS;
     if !explicit.is_empty() {
-        return explicit
+        let keys = explicit
             .iter()
             .map(|k| {
                 hex::decode(k)
@@ -182,14 +185,19 @@ fn sim_keys(explicit: &[String], config: Option<&Path>) -> anyhow::Result<Vec<[u
                         anyhow::anyhow!("--sim-trusted-key {k:?} is not a 32-byte hex key")
                     })
             })
-            .collect();
+            .collect::<anyhow::Result<_>>()?;
+        return Ok((keys, default_age));
     }
-    let path = config
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| dev::default_data_dir().join(dev::CONFIG_FILE));
-    Ok(Config::load(&path)
-        .map(|c| c.sim_trusted_keys())
-        .unwrap_or_default())
+    let cfg = match config {
+        Some(p) => Some(Config::load(p).with_context(|| format!("--config {}", p.display()))?),
+        None => Config::load(&dev::default_data_dir().join(dev::CONFIG_FILE)).ok(),
+    };
+    Ok(cfg.map_or((Vec::new(), default_age), |c| {
+        (
+            c.sim_trusted_keys(),
+            c.attest.sim.max_evidence_age_secs.saturating_mul(1000),
+        )
+    }))
 }
 
 /// Re-verifies one attest entry's stored evidence with the verifier of its TEE, at the time the
@@ -275,8 +283,7 @@ fn print_report(r: &Report, json: bool, skipped_evidence: bool) {
         println!("FAILED: {} problem(s)", r.findings.len());
         for f in &r.findings {
             match f.index {
-                Some(i) => println!("  [{:?}] entry {i}: {}", f.kind, f.detail),
-                None => println!("  [{:?}] {}", f.kind, f.detail),
+                Some(_) | None => println!("  [{:?}] {}", f.kind, f.detail),
             }
         }
     }
@@ -323,8 +330,11 @@ pub async fn run(cmd: AuditCmd) -> anyhow::Result<ExitCode> {
             let entries = collect_entries(&mut client, cp.size).await?;
             let mut evidence = HashMap::new();
             for sha in evidence_needed(&entries) {
-                if let Ok(ev) = client.evidence(&sha).await {
-                    evidence.insert(hex::encode(sha), STANDARD.encode(ev));
+                match client.evidence(&sha).await {
+                    Ok(ev) => {
+                        evidence.insert(hex::encode(sha), STANDARD.encode(ev));
+                    }
+                    Err(e) => eprintln!("warning: evidence {} not exported: {e}", hex::encode(sha)),
                 }
             }
             let export = Export {
@@ -450,6 +460,7 @@ async fn verify(
         ),
         _ => None,
     };
+    let mut proof_problem = None;
     // What to verify: an export, or the live log.
     let (offered_key, note, entries, recorded, evidence) = match &file {
         Some(f) => {
@@ -530,7 +541,10 @@ async fn verify(
                 if let Err(e) =
                     merkle::verify_consistency(tcp.size, cp.size, &tcp.root, &root, &proof)
                 {
-                    eprintln!("warning: the vault's consistency proof does not verify: {e}");
+                    proof_problem = Some(format!(
+                        "the vault's consistency proof from the trusted size {} to {} does not verify: {e}",
+                        tcp.size, cp.size
+                    ));
                 }
             }
             (cp.verifier_key, cp.note, entries, None, evidence)
@@ -558,8 +572,8 @@ async fn verify(
     let sim = if skip_evidence {
         None
     } else {
-        let keys = sim_keys(sim_trusted_key, config.as_deref())?;
-        (!keys.is_empty()).then(|| SimVerifier::new(keys, crate::attest::sim::DEFAULT_MAX_AGE_MS))
+        let (keys, max_age_ms) = sim_keys(sim_trusted_key, config.as_deref())?;
+        (!keys.is_empty()).then(|| SimVerifier::new(keys, max_age_ms))
     };
     let input = replay::Input {
         entries: &entries,
@@ -568,13 +582,21 @@ async fn verify(
         verifier: &verifier,
         trusted: trusted_cp.as_ref(),
     };
-    let report = replay::replay(&input, &mut |_, e| {
+    let mut report = replay::replay(&input, &mut |_, e| {
         if skip_evidence {
-            Ok(())
+            Ok(false)
         } else {
-            reverify(e, &evidence, sim.as_ref())
+            reverify(e, &evidence, sim.as_ref()).map(|()| true)
         }
     });
+    if let Some(detail) = proof_problem {
+        report.findings.push(replay::Finding {
+            kind: replay::FindingKind::Fork,
+            index: None,
+            detail,
+        });
+        report.ok = false;
+    }
     print_report(&report, json, skip_evidence);
     if !report.ok {
         return Ok(ExitCode::FAILURE);

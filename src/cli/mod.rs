@@ -133,9 +133,10 @@ pub fn main() -> ExitCode {
     });
     match result {
         Ok(code) => code,
+        // 1 is a negative answer (evidence rejected, log verification failed); 2 is an error.
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(2)
         }
     }
 }

@@ -72,6 +72,7 @@ impl AuditApi {
                 tokio::select! {
                     changed = size.changed() => if changed.is_err() { return },
                     _ = tx.closed() => return,
+                    _ = vault.shutdown.cancelled() => return,
                 }
             }
         });

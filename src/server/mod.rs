@@ -49,6 +49,8 @@ pub enum ServerError {
     Keys(#[from] crate::keys::KeyError),
     #[error("audit log")]
     Audit(#[from] crate::audit::AuditError),
+    #[error("{0}")]
+    Config(String),
     #[error("TLS material: {0}")]
     Tls(String),
     #[error("cannot listen on {addr}: {source}")]
@@ -71,6 +73,8 @@ pub struct Vault {
     pub roles: auth::Roles,
     pub grant_ttl_ms: u64,
     pub chunk_size: u32,
+    /// Cancelled when the server shuts down; endless streams (audit tail) end on it.
+    pub shutdown: CancellationToken,
 }
 
 impl Vault {
@@ -109,6 +113,8 @@ pub struct RunningServer {
     audit: Sequencer,
     clock: SharedClock,
     sequencer_task: tokio::task::JoinHandle<()>,
+    /// Held for the server's lifetime: one vault per data directory.
+    _lock: std::fs::File,
 }
 
 impl RunningServer {
@@ -207,6 +213,21 @@ pub async fn start(cfg: &Config, opts: StartOptions) -> Result<RunningServer, Se
 
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| ServerError::Store(crate::store::StoreError::Io(e)))?;
+    // Two vaults on one data directory would interleave the audit log: refuse the second.
+    let lock_path = cfg.data_dir.join("LOCK");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| ServerError::Store(crate::store::StoreError::Io(e)))?;
+    lock.try_lock().map_err(|_| {
+        ServerError::Config(format!(
+            "data directory {} is in use by another vault (lock on {})",
+            cfg.data_dir.display(),
+            lock_path.display()
+        ))
+    })?;
     let mut store: Arc<dyn MetadataStore> =
         Arc::new(SqliteStore::open(&cfg.data_dir.join("metadata.db")).await?);
     if let Some(wrap) = opts.wrap_store {
@@ -227,7 +248,7 @@ pub async fn start(cfg: &Config, opts: StartOptions) -> Result<RunningServer, Se
         format!("weightvault/{}", hex::encode(&d.as_ref()[..8]))
     });
     let signer = crate::audit::note::NoteSigner::new(&origin, log_key)
-        .map_err(|e| ServerError::Tls(format!("audit origin {origin:?}: {e}")))?;
+        .map_err(|e| ServerError::Config(format!("audit.origin {origin:?}: {e}")))?;
     let (audit, sequencer_task) = Sequencer::start(
         store.clone(),
         signer,
@@ -312,6 +333,7 @@ pub async fn start(cfg: &Config, opts: StartOptions) -> Result<RunningServer, Se
     }
     audit.append(&start_entry).await?;
 
+    let shutdown = CancellationToken::new();
     let vault = Arc::new(Vault {
         store,
         blobs,
@@ -322,6 +344,7 @@ pub async fn start(cfg: &Config, opts: StartOptions) -> Result<RunningServer, Se
         roles: auth::Roles::from_config(&cfg.roles),
         grant_ttl_ms: cfg.grants.ttl_secs.saturating_mul(1000),
         chunk_size: cfg.storage.chunk_size,
+        shutdown: shutdown.clone(),
     });
 
     let addr = opts.listen.unwrap_or(cfg.listen);
@@ -333,7 +356,6 @@ pub async fn start(cfg: &Config, opts: StartOptions) -> Result<RunningServer, Se
         .map_err(|source| ServerError::Bind { addr, source })?;
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
 
-    let shutdown = CancellationToken::new();
     let purge = spawn_purger(vault.clone(), shutdown.clone());
     let router = builder
         .initial_stream_window_size(STREAM_WINDOW)
@@ -364,6 +386,7 @@ pub async fn start(cfg: &Config, opts: StartOptions) -> Result<RunningServer, Se
         audit: vault.audit.clone(),
         clock: vault.clock.clone(),
         sequencer_task,
+        _lock: lock,
     })
 }
 
