@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::time::UnixMs;
 
-/// Domain separator of the report data (DESIGN.md, node boot protocol step 2).
+/// Domain separator of the report data (docs/protocol.md).
 pub const REPORT_DATA_DOMAIN: &[u8] = b"weightvault/attest/v1";
 
 /// Length of a challenge nonce.

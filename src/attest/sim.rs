@@ -172,7 +172,7 @@ impl Verifier for SimVerifier {
                 "instance_id must be 1..=128 bytes".into(),
             ));
         }
-        // Binding (DESIGN.md step 3): constant-time comparison with the expected report data.
+        // Binding (docs/protocol.md, Attest): constant-time comparison with the expected report data.
         if !bool::from(
             report_data
                 .as_slice()

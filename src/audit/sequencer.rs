@@ -2,7 +2,7 @@
 //! commit), extends the Merkle tree and only then answers the waiting callers. It signs
 //! checkpoints (periodically, on request and at close) and writes heartbeat entries when the log
 //! is quiet. If a write fails the sequencer fails closed: that batch and every later append get
-//! an error, so nothing that needs a log entry can be released (DESIGN.md "Durability rule").
+//! an error, so nothing that needs a log entry can be released (docs/audit-log.md, durability).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};

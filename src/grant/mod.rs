@@ -14,7 +14,7 @@ use crate::keys::Dek;
 use crate::store::{AccessRule, GrantRecord, Revocation, RevocationKind, SessionRecord};
 use crate::time::UnixMs;
 
-/// A challenge nonce is refused this long after it was issued (DESIGN.md step 1).
+/// A challenge nonce is refused this long after it was issued (docs/protocol.md, GetChallenge).
 pub const CHALLENGE_TTL_MS: u64 = 60_000;
 /// An attestation session lives this long.
 pub const SESSION_TTL_MS: u64 = 5 * 60_000;

@@ -1,6 +1,6 @@
 //! The key hierarchy (docs/keys.md): root key (sealed) → versioned KEK ring → one DEK per model
 //! version (stored only wrapped) → per-file subkeys (HKDF, in `envelope`). The vault's Ed25519
-//! signing key (manifests, later log checkpoints) is wrapped by the root key too.
+//! signing key (manifests) and the audit log's checkpoint key are wrapped by the root key too.
 
 pub mod ring;
 pub mod seal;

@@ -1,5 +1,4 @@
-//! NodeService: GetChallenge → Attest → RequestGrant → FetchWeights (DESIGN.md "Node boot
-//! protocol"). Every decision is on the record before the response that depends on it leaves.
+//! NodeService: GetChallenge → Attest → RequestGrant → FetchWeights (docs/protocol.md). Every decision is on the record before the response that depends on it leaves.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -79,7 +78,7 @@ impl NodeApi {
             Err(e) => return refuse(deny, e.reason().to_string(), e).await,
         };
         deny.nonce = Some(hex::encode(nonce));
-        // Single use (DESIGN.md step 1): the nonce is consumed by any attempt, good or bad.
+        // Single use (docs/protocol.md, GetChallenge): the nonce is consumed by any attempt, good or bad.
         let expires = v
             .store
             .take_challenge(&nonce)

@@ -97,7 +97,7 @@ impl SqliteStore {
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            // Every commit is fsynced before it returns (durability rule, DESIGN.md "Storage").
+            // Every commit is fsynced before it returns (durability rule, docs/architecture.md).
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
