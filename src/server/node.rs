@@ -1,4 +1,5 @@
-//! NodeService: GetChallenge → Attest → RequestGrant → FetchWeights (docs/protocol.md). Every decision is on the record before the response that depends on it leaves.
+//! NodeService: GetChallenge → Attest → RequestGrant → FetchWeights (docs/protocol.md).
+//! Every decision is on the record before the response that depends on it leaves.
 
 use std::pin::Pin;
 use std::sync::Arc;
