@@ -24,6 +24,12 @@ pub enum Action {
     AccessDeny,
     /// A grant, node, measurement or model was revoked.
     Revoke,
+    /// An egress budget stopped a fetch (an alert for operators).
+    BudgetExceeded,
+    /// A sensitive change was proposed, approved or rejected (M-of-N).
+    Propose,
+    Approve,
+    Reject,
     KeyCreate,
     /// Written when the log has been quiet for a while, so a quiet period is told from a gap.
     Heartbeat,

@@ -85,9 +85,17 @@ pub async fn run(cmd: AccessCmd) -> anyhow::Result<ExitCode> {
         } => {
             let require = parse_require(&require)?;
             let mut client = AdminClient::new(conn.endpoint(true)?.connect().await?);
-            let created = client
-                .allow_with(&name, &tee, &measurement.to_ascii_lowercase(), require)
+            let r = client
+                .allow_or_propose(&name, &tee, &measurement.to_ascii_lowercase(), require)
                 .await?;
+            if !r.proposal_id.is_empty() {
+                println!(
+                    "proposed {}: needs approval by other admins (`weightvault approvals approve {}`)",
+                    r.proposal_id, r.proposal_id
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            let created = r.created;
             println!(
                 "{} {tee} measurement {} for model {name}",
                 if created {

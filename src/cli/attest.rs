@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Subcommand;
 
-use crate::attest::sim::{DEFAULT_MAX_AGE_MS, SimReport, SimSigner, SimVerifier};
-use crate::attest::{TeeKind, Verifier};
+use crate::attest::sim::{SimReport, SimSigner};
+use crate::attest::TeeKind;
 use crate::config::Config;
 use crate::config::dev::{self, files};
 use crate::time::{Clock, SystemClock};
@@ -17,25 +17,40 @@ use crate::time::{Clock, SystemClock};
 pub enum AttestCmd {
     /// Verify evidence offline; prints the verified claims as JSON (exit 0) or the reason (exit 1).
     Verify {
-        /// TEE kind: sim.
+        /// TEE kind: sim, snp, tdx, nitro, tpm (az-snp-vtpm, az-tdx-vtpm: not yet).
         #[arg(long)]
         tee: String,
-        /// Evidence file.
+        /// Evidence file: the report, quote or document as stored (raw binary, hex or base64
+        /// text, the JSON wrappers of common tools) or a vault evidence bundle.
         #[arg(long, value_name = "FILE")]
         evidence: PathBuf,
-        /// Expected report data, 64 bytes hex (SHA-512 binding of nonce and node key).
+        /// Certificates that come with the evidence (VCEK, AK certificate, ...); repeatable.
+        #[arg(long = "certs", value_name = "FILE")]
+        certs: Vec<PathBuf>,
+        /// Collateral for TDX (TCB info, QE identity, CRLs) as JSON.
+        #[arg(long, value_name = "FILE")]
+        collateral: Option<PathBuf>,
+        /// Expected report data, 64 bytes hex: SHA-512("weightvault/attest/v1" || nonce ||
+        /// node key) for vault evidence, or the value a sample carries.
         #[arg(long, value_name = "HEX")]
         report_data: String,
         /// Trusted sim key (Ed25519 public key, hex); repeatable. Default: from --config, or
         /// the dev data directory's config.
         #[arg(long, value_name = "HEX")]
         trusted_key: Vec<String>,
-        /// Vault config to take trusted keys from.
+        /// Vault config: verifier policies ([attest.<tee>.policy]) and sim keys. Without it the
+        /// strict default policy of each TEE applies.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
-        /// Verification time, ms since the Unix epoch [default: now].
+        /// Verification time, RFC 3339 (for example 2024-09-07T14:37:40Z) [default: now].
+        #[arg(long, value_name = "RFC3339", conflicts_with = "time_ms")]
+        at: Option<String>,
+        /// Verification time, ms since the Unix epoch.
         #[arg(long, value_name = "MS")]
         time_ms: Option<u64>,
+        /// Print {"ok":…,"claims":…} or {"ok":false,"reason":…} as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Produce sim evidence (development TEE) for the given report data.
     SimEvidence {
@@ -71,52 +86,60 @@ pub async fn run(cmd: AttestCmd) -> anyhow::Result<ExitCode> {
         AttestCmd::Verify {
             tee,
             evidence,
+            certs,
+            collateral,
             report_data,
             trusted_key,
             config,
+            at,
             time_ms,
+            json,
         } => {
             let tee: TeeKind = tee.parse()?;
             let rd = report_data_arg(&report_data)?;
-            let ev = std::fs::read(&evidence)
-                .with_context(|| format!("reading evidence {}", evidence.display()))?;
-            let verifier: Box<dyn Verifier> = match tee {
-                TeeKind::Sim => {
-                    let mut max_age_ms = DEFAULT_MAX_AGE_MS;
-                    let keys: Vec<[u8; 32]> = if !trusted_key.is_empty() {
-                        trusted_key
-                            .iter()
-                            .map(|k| {
-                                hex::decode(k)
-                                    .ok()
-                                    .and_then(|v| v.try_into().ok())
-                                    .ok_or_else(|| {
-                                        anyhow::anyhow!(
-                                            "--trusted-key {k:?} is not a 32-byte hex key"
-                                        )
-                                    })
-                            })
-                            .collect::<anyhow::Result<_>>()?
-                    } else {
-                        let path = config
-                            .unwrap_or_else(|| dev::default_data_dir().join(dev::CONFIG_FILE));
-                        let cfg = Config::load(&path)
-                            .with_context(|| "no --trusted-key given; tried the vault config")?;
-                        max_age_ms = cfg.attest.sim.max_evidence_age_secs.saturating_mul(1000);
-                        cfg.sim_trusted_keys()
-                    };
-                    Box::new(SimVerifier::new(keys, max_age_ms))
-                }
-                other => anyhow::bail!("no {other} verifier in this build yet"),
+            let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+            let ev = read(&evidence)?;
+            let extra = certs.iter().map(read).collect::<anyhow::Result<Vec<_>>>()?;
+            let collateral = collateral.as_ref().map(read).transpose()?;
+            let mut attest_cfg = match &config {
+                Some(p) => Config::load(p)?.attest,
+                None => Config::load(&dev::default_data_dir().join(dev::CONFIG_FILE))
+                    .map(|c| c.attest)
+                    .unwrap_or_default(),
             };
-            let now = time_ms.unwrap_or_else(|| SystemClock.now_ms());
-            match verifier.verify(&ev, &rd, now) {
+            if !trusted_key.is_empty() {
+                for k in &trusted_key {
+                    if hex::decode(k).ok().and_then(|v| <[u8; 32]>::try_from(v).ok()).is_none() {
+                        anyhow::bail!("--trusted-key {k:?} is not a 32-byte hex key");
+                    }
+                }
+                attest_cfg.sim.trusted_keys = trusted_key;
+            }
+            let verifier = attest_cfg.verifier(tee)?;
+            let bundle = bundle(tee, &ev, &extra, collateral.as_deref())?;
+            let now = match (at, time_ms) {
+                (Some(t), _) => parse_rfc3339_ms(&t)?,
+                (None, Some(ms)) => ms,
+                (None, None) => SystemClock.now_ms(),
+            };
+            match verifier.verify(&bundle, &rd, now) {
                 Ok(ok) => {
-                    println!("{}", ok.claims().to_json());
+                    if json {
+                        println!("{{\"ok\":true,\"claims\":{}}}", ok.claims().to_json());
+                    } else {
+                        println!("{}", ok.claims().to_json());
+                    }
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(e) => {
-                    eprintln!("evidence rejected: {e}");
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::json!({"ok": false, "reason": e.short_reason(), "detail": e.to_string()})
+                        );
+                    } else {
+                        eprintln!("evidence rejected: {e}");
+                    }
                     Ok(ExitCode::FAILURE)
                 }
             }
@@ -146,6 +169,86 @@ pub async fn run(cmd: AttestCmd) -> anyhow::Result<ExitCode> {
             std::fs::write(&out, ev).with_context(|| format!("writing {}", out.display()))?;
             println!("wrote sim evidence to {}", out.display());
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// The vault's evidence bundle for `tee` from files as they are stored.
+pub fn bundle(
+    tee: TeeKind,
+    evidence: &[u8],
+    extra: &[Vec<u8>],
+    collateral: Option<&[u8]>,
+) -> anyhow::Result<Vec<u8>> {
+    use crate::attest::{nitro, snp, tdx, tpm};
+    Ok(match tee {
+        TeeKind::Sim => evidence.to_vec(),
+        TeeKind::Snp => snp::bundle_from_inputs(evidence, extra, collateral)?,
+        TeeKind::Tdx => tdx::bundle_from_inputs(evidence, extra, collateral)?,
+        TeeKind::Nitro => nitro::bundle_from_inputs(evidence, extra, collateral)?,
+        TeeKind::Tpm => tpm::bundle_from_inputs(evidence, extra, collateral)?,
+        TeeKind::AzSnpVtpm | TeeKind::AzTdxVtpm => {
+            anyhow::bail!("{tee} evidence is not supported by this version")
+        }
+    })
+}
+
+/// Milliseconds since the Unix epoch of an RFC 3339 timestamp (`Z` or `±hh:mm` offset,
+/// optional fraction).
+pub fn parse_rfc3339_ms(s: &str) -> anyhow::Result<u64> {
+    let bad = || anyhow::anyhow!("{s:?} is not an RFC 3339 time like 2024-09-07T14:37:40Z");
+    let b = s.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') || b[13] != b':' || b[16] != b':' {
+        return Err(bad());
+    }
+    let num = |r: std::ops::Range<usize>| -> anyhow::Result<i64> {
+        s.get(r).filter(|d| d.bytes().all(|c| c.is_ascii_digit())).and_then(|d| d.parse().ok()).ok_or_else(bad)
+    };
+    let (y, mo, d, h, mi, sec) = (num(0..4)?, num(5..7)?, num(8..10)?, num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
+        return Err(bad());
+    }
+    let mut rest = &s[19..];
+    let mut ms = 0i64;
+    if let Some(frac) = rest.strip_prefix('.') {
+        let digits: String = frac.chars().take_while(char::is_ascii_digit).collect();
+        if digits.is_empty() {
+            return Err(bad());
+        }
+        ms = format!("{:0<3}", &digits[..digits.len().min(3)]).parse().map_err(|_| bad())?;
+        rest = &frac[digits.len()..];
+    }
+    let offset_min = match rest {
+        "Z" | "z" => 0,
+        o if o.len() == 6 && (o.starts_with('+') || o.starts_with('-')) && &o[3..4] == ":" => {
+            let sign = if o.starts_with('-') { -1 } else { 1 };
+            sign * (num(s.len() - 5..s.len() - 3)? * 60 + num(s.len() - 2..s.len())?)
+        }
+        _ => return Err(bad()),
+    };
+    // Days from the civil date (proleptic Gregorian), Howard Hinnant's algorithm.
+    let (yy, mm) = if mo <= 2 { (y - 1, mo + 9) } else { (y, mo - 3) };
+    let era = yy.div_euclid(400);
+    let yoe = yy - era * 400;
+    let doy = (153 * mm + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + h * 3600 + mi * 60 + sec - offset_min * 60;
+    u64::try_from(secs * 1000 + ms).map_err(|_| bad())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_rfc3339_ms;
+
+    #[test]
+    fn rfc3339_times() {
+        assert_eq!(parse_rfc3339_ms("1970-01-01T00:00:00Z").unwrap(), 0);
+        assert_eq!(parse_rfc3339_ms("2024-09-07T14:37:39.545Z").unwrap(), 1_725_719_859_545);
+        assert_eq!(parse_rfc3339_ms("2024-09-07T16:37:39.545+02:00").unwrap(), 1_725_719_859_545);
+        assert_eq!(parse_rfc3339_ms("2000-02-29T12:00:00Z").unwrap(), 951_825_600_000);
+        for bad in ["2024-09-07", "2024-13-01T00:00:00Z", "2024-09-07T14:37:39", "x"] {
+            assert!(parse_rfc3339_ms(bad).is_err(), "{bad}");
         }
     }
 }

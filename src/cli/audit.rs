@@ -12,7 +12,6 @@ use clap::Subcommand;
 use serde::{Deserialize, Serialize};
 
 use super::ConnArgs;
-use crate::attest::sim::SimVerifier;
 use crate::attest::{TeeKind, Verifier, report_data};
 use crate::audit::checkpoint::{Checkpoint, open_checkpoint};
 use crate::audit::entry::{Action, AuditEntry, Decision};
@@ -170,34 +169,29 @@ fn evidence_needed(entries: &[Vec<u8>]) -> Vec<[u8; 32]> {
         .collect()
 }
 
-/// Trusted sim keys and the evidence age limit: from flags, an explicit --config (which must
-/// load), or the dev data directory's config when there is one.
-fn sim_keys(explicit: &[String], config: Option<&Path>) -> anyhow::Result<(Vec<[u8; 32]>, u64)> {
-    let default_age = crate::attest::sim::DEFAULT_MAX_AGE_MS;
-    if !explicit.is_empty() {
-        let keys = explicit
-            .iter()
-            .map(|k| {
-                hex::decode(k)
-                    .ok()
-                    .and_then(|v| v.try_into().ok())
-                    .ok_or_else(|| {
-                        anyhow::anyhow!("--sim-trusted-key {k:?} is not a 32-byte hex key")
-                    })
-            })
-            .collect::<anyhow::Result<_>>()?;
-        return Ok((keys, default_age));
-    }
-    let cfg = match config {
-        Some(p) => Some(Config::load(p).with_context(|| format!("--config {}", p.display()))?),
-        None => Config::load(&dev::default_data_dir().join(dev::CONFIG_FILE)).ok(),
+/// The verifier policies and sim keys: from an explicit --config (which must load), else the
+/// dev data directory's config when there is one, with --sim-trusted-key overriding the keys.
+fn verifier_config(
+    explicit: &[String],
+    config: Option<&Path>,
+) -> anyhow::Result<crate::config::AttestConfig> {
+    let mut cfg = match config {
+        Some(p) => Config::load(p)
+            .with_context(|| format!("--config {}", p.display()))?
+            .attest,
+        None => Config::load(&dev::default_data_dir().join(dev::CONFIG_FILE))
+            .map(|c| c.attest)
+            .unwrap_or_default(),
     };
-    Ok(cfg.map_or((Vec::new(), default_age), |c| {
-        (
-            c.sim_trusted_keys(),
-            c.attest.sim.max_evidence_age_secs.saturating_mul(1000),
-        )
-    }))
+    if !explicit.is_empty() {
+        for k in explicit {
+            if hex::decode(k).ok().and_then(|v| <[u8; 32]>::try_from(v).ok()).is_none() {
+                bail!("--sim-trusted-key {k:?} is not a 32-byte hex key");
+            }
+        }
+        cfg.sim.trusted_keys = explicit.to_vec();
+    }
+    Ok(cfg)
 }
 
 /// Re-verifies one attest entry's stored evidence with the verifier of its TEE, at the time the
@@ -205,7 +199,7 @@ fn sim_keys(explicit: &[String], config: Option<&Path>) -> anyhow::Result<(Vec<[
 fn reverify(
     e: &AuditEntry,
     evidence: &HashMap<[u8; 32], Vec<u8>>,
-    sim: Option<&SimVerifier>,
+    verifiers: &HashMap<TeeKind, Result<Box<dyn Verifier>, String>>,
 ) -> Result<(), String> {
     let sha: [u8; 32] = e
         .evidence_sha256
@@ -232,16 +226,14 @@ fn reverify(
         .unwrap_or_default()
         .parse()
         .map_err(|err: crate::attest::AttestError| err.to_string())?;
-    let verifier: &dyn Verifier = match tee {
-        TeeKind::Sim => {
-            sim.ok_or("cannot be re-verified: no trusted sim key (--sim-trusted-key or --config)")?
-        }
-        other => {
-            return Err(format!(
-                "cannot be re-verified: no {other} verifier in this build"
-            ));
-        }
+    let verifier: &dyn Verifier = match verifiers.get(&tee) {
+        Some(Ok(v)) => v.as_ref(),
+        Some(Err(why)) => return Err(format!("cannot be re-verified: {why}")),
+        None => return Err(format!("cannot be re-verified: no {tee} verifier")),
     };
+    if tee == TeeKind::Sim && !e.simulated.unwrap_or(false) {
+        return Err("names the sim TEE but is not marked simulated".into());
+    }
     let claims = verifier
         .verify(ev, &report_data(&nonce, &key), e.time_ms)
         .map_err(|err| format!("no longer verifies: {err}"))?
@@ -569,11 +561,22 @@ async fn verify(
         ),
         None => None,
     };
-    let sim = if skip_evidence {
-        None
+    let verifiers: HashMap<TeeKind, Result<Box<dyn Verifier>, String>> = if skip_evidence {
+        HashMap::new()
     } else {
-        let (keys, max_age_ms) = sim_keys(sim_trusted_key, config.as_deref())?;
-        (!keys.is_empty()).then(|| SimVerifier::new(keys, max_age_ms))
+        let cfg = verifier_config(sim_trusted_key, config.as_deref())?;
+        TeeKind::ALL
+            .into_iter()
+            .map(|t| {
+                let v = match t {
+                    TeeKind::Sim if cfg.sim.trusted_keys.is_empty() => {
+                        Err("no trusted sim key (--sim-trusted-key or --config)".to_string())
+                    }
+                    _ => cfg.verifier(t).map_err(|e| e.to_string()),
+                };
+                (t, v)
+            })
+            .collect()
     };
     let input = replay::Input {
         entries: &entries,
@@ -586,7 +589,7 @@ async fn verify(
         if skip_evidence {
             Ok(false)
         } else {
-            reverify(e, &evidence, sim.as_ref()).map(|()| true)
+            reverify(e, &evidence, &verifiers).map(|()| true)
         }
     });
     if let Some(detail) = proof_problem {

@@ -2,6 +2,7 @@
 //! vault address and TLS files from `WEIGHTVAULT_*` environment variables; flags override them.
 
 pub mod access;
+pub mod approvals;
 pub mod attest;
 pub mod audit;
 pub mod grants;
@@ -40,6 +41,9 @@ pub enum Command {
     /// Decide which attested nodes may read which model (admin).
     #[command(subcommand)]
     Access(access::AccessCmd),
+    /// M-of-N approval of sensitive changes (admin).
+    #[command(subcommand)]
+    Approvals(approvals::ApprovalsCmd),
     /// List grants with expiry and bytes served (admin).
     #[command(subcommand)]
     Grants(grants::GrantsCmd),
@@ -127,6 +131,7 @@ pub fn main() -> ExitCode {
             Command::Access(c) => access::run(c).await,
             Command::Node(c) => node::run(c).await,
             Command::Grants(c) => grants::run(c).await,
+            Command::Approvals(c) => approvals::run(c).await,
             Command::Audit(c) => audit::run(c).await,
             Command::Attest(c) => attest::run(c).await,
         }

@@ -24,7 +24,7 @@ pub enum NodeCmd {
         /// Directory to write the files into.
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
-        /// TEE to attest with: sim.
+        /// TEE to attest with: sim (hardware evidence collection is not in this version).
         #[arg(long)]
         tee: String,
         /// Measurement the sim TEE reports (hex).
@@ -88,7 +88,14 @@ pub async fn run(cmd: NodeCmd) -> anyhow::Result<ExitCode> {
                     let m = sim_measurement.expect("clap requires it for sim");
                     SimAttester::new(&pkcs8, &m, &instance_id)?
                 }
-                other => anyhow::bail!("unknown --tee {other:?}; this build supports: sim"),
+                other => match other.parse::<crate::attest::TeeKind>() {
+                    Ok(t) => anyhow::bail!(
+                        "collecting {t} evidence on the node (configfs-tsm, /dev/nsm, /dev/tpmrm0) is \
+                         not implemented in this version; the vault verifies {t} evidence, and the \
+                         library's `client::node::Attester` trait takes any evidence source"
+                    ),
+                    Err(_) => anyhow::bail!("unknown --tee {other:?}"),
+                },
             };
             let mut client = NodeClient::new(conn.endpoint(false)?.connect().await?);
             let bar = if std::io::stderr().is_terminal() {

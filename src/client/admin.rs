@@ -222,4 +222,44 @@ impl AdminClient {
             .into_inner()
             .grants)
     }
+
+    pub async fn proposals(&mut self, all: bool) -> Result<Vec<crate::proto::v1::Proposal>, ClientError> {
+        Ok(self
+            .inner
+            .list_proposals(crate::proto::v1::ListProposalsRequest { all })
+            .await?
+            .into_inner()
+            .proposals)
+    }
+
+    /// Approves (`true`) or rejects a proposal; returns it as it now stands.
+    pub async fn decide(&mut self, id: &str, approve: bool) -> Result<crate::proto::v1::Proposal, ClientError> {
+        let req = crate::proto::v1::DecideProposalRequest { id: id.to_string() };
+        Ok(if approve {
+            self.inner.approve_proposal(req).await?
+        } else {
+            self.inner.reject_proposal(req).await?
+        }
+        .into_inner())
+    }
+
+    /// Like [`Self::allow_with`], also returning the proposal id when approvals are needed.
+    pub async fn allow_or_propose(
+        &mut self,
+        model: &str,
+        tee: &str,
+        measurement: &str,
+        require: std::collections::HashMap<String, String>,
+    ) -> Result<crate::proto::v1::AllowAccessResponse, ClientError> {
+        Ok(self
+            .inner
+            .allow_access(AllowAccessRequest {
+                model: model.to_string(),
+                tee: tee.to_string(),
+                measurement: measurement.to_string(),
+                require,
+            })
+            .await?
+            .into_inner())
+    }
 }

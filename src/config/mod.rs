@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::attest::{AttestError, TeeKind, Verifier};
 use crate::envelope::DEFAULT_CHUNK_SIZE;
 use crate::grant::DEFAULT_GRANT_TTL_MS;
 
@@ -31,6 +32,84 @@ pub struct Config {
     pub storage: StorageConfig,
     #[serde(default)]
     pub audit: AuditConfig,
+    #[serde(default)]
+    pub budgets: BudgetsConfig,
+    #[serde(default)]
+    pub approvals: ApprovalsConfig,
+}
+
+/// M-of-N approval of sensitive changes (docs/access-control.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApprovalsConfig {
+    /// Distinct admins needed (the proposer counts once). 1 = changes apply at once.
+    #[serde(default = "default_quorum")]
+    pub quorum: u32,
+    /// Operations that need the quorum. Known: "access_allow".
+    #[serde(default = "default_operations")]
+    pub operations: Vec<String>,
+    /// A proposal not decided within this many seconds expires.
+    #[serde(default = "default_proposal_ttl")]
+    pub ttl_secs: u64,
+}
+
+impl Default for ApprovalsConfig {
+    fn default() -> Self {
+        Self {
+            quorum: default_quorum(),
+            operations: default_operations(),
+            ttl_secs: default_proposal_ttl(),
+        }
+    }
+}
+
+fn default_quorum() -> u32 {
+    1
+}
+
+fn default_operations() -> Vec<String> {
+    vec!["access_allow".to_string()]
+}
+
+fn default_proposal_ttl() -> u64 {
+    86_400
+}
+
+/// Egress budgets (docs/access-control.md). 0 means no limit for the windowed budgets.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetsConfig {
+    /// A grant may serve the version's ciphertext size plus this percentage (retries) plus one
+    /// chunk.
+    #[serde(default = "default_allowance")]
+    pub grant_allowance_percent: u32,
+    /// Bytes one node (TEE + instance id) may fetch per window; 0 = unlimited.
+    #[serde(default)]
+    pub node_bytes_per_window: u64,
+    /// Bytes of one model all nodes together may fetch per window; 0 = unlimited.
+    #[serde(default)]
+    pub model_bytes_per_window: u64,
+    #[serde(default = "default_window")]
+    pub window_secs: u64,
+}
+
+impl Default for BudgetsConfig {
+    fn default() -> Self {
+        Self {
+            grant_allowance_percent: default_allowance(),
+            node_bytes_per_window: 0,
+            model_bytes_per_window: 0,
+            window_secs: default_window(),
+        }
+    }
+}
+
+fn default_allowance() -> u32 {
+    10
+}
+
+fn default_window() -> u64 {
+    3600
 }
 
 /// The audit log's checkpoints and heartbeats.
@@ -78,7 +157,9 @@ pub struct TlsConfig {
     pub client_ca: PathBuf,
 }
 
-/// Client certificates that carry a role, by SHA-256 fingerprint of the certificate (DER), hex.
+/// Client certificates (issued by `tls.client_ca`) that carry a role. Each entry is either the
+/// SHA-256 fingerprint of the certificate (DER, 64 hex digits) or a URI matched against the
+/// certificate's subject alternative name URIs (for example a SPIFFE id).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RolesConfig {
@@ -86,6 +167,9 @@ pub struct RolesConfig {
     pub admins: Vec<String>,
     #[serde(default)]
     pub auditors: Vec<String>,
+    /// Fingerprints of certificates refused whatever they would otherwise match.
+    #[serde(default)]
+    pub revoked: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -101,11 +185,81 @@ pub enum SealConfig {
     },
 }
 
+/// Which TEEs the vault accepts, and each verifier's policy (docs/attestation.md). Every
+/// hardware verifier is off unless enabled; its policy defaults are the strict ones.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AttestConfig {
     #[serde(default)]
     pub sim: SimConfig,
+    #[serde(default)]
+    pub snp: TeeConfig<crate::attest::snp::SnpPolicy>,
+    #[serde(default)]
+    pub tdx: TeeConfig<crate::attest::tdx::TdxPolicy>,
+    #[serde(default)]
+    pub nitro: TeeConfig<crate::attest::nitro::NitroPolicy>,
+    #[serde(default)]
+    pub tpm: TeeConfig<crate::attest::tpm::TpmPolicy>,
+}
+
+/// One hardware TEE: whether nodes may attest with it, and its verifier policy.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TeeConfig<P> {
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default)]
+    pub policy: P,
+}
+
+impl AttestConfig {
+    /// The verifier of one TEE with its configured policy, whether or not it is enabled (the
+    /// offline `attest verify` and `audit verify` use this).
+    pub fn verifier(&self, tee: TeeKind) -> Result<Box<dyn Verifier>, AttestError> {
+        use crate::attest::{nitro, sim, snp, tdx, tpm};
+        Ok(match tee {
+            TeeKind::Sim => Box::new(sim::SimVerifier::new(
+                self.sim
+                    .trusted_keys
+                    .iter()
+                    .filter_map(|k| hex::decode(k).ok()?.try_into().ok())
+                    .collect(),
+                self.sim.max_evidence_age_secs.saturating_mul(1000),
+            )),
+            TeeKind::Snp => Box::new(snp::SnpVerifier::new(self.snp.policy.clone())?),
+            TeeKind::Tdx => Box::new(tdx::TdxVerifier::new(self.tdx.policy.clone())?),
+            TeeKind::Nitro => Box::new(nitro::NitroVerifier::new(self.nitro.policy.clone())?),
+            TeeKind::Tpm => Box::new(tpm::TpmVerifier::new(self.tpm.policy.clone())?),
+            TeeKind::AzSnpVtpm | TeeKind::AzTdxVtpm => {
+                return Err(AttestError::Malformed(format!(
+                    "{tee} evidence is not supported by this version"
+                )));
+            }
+        })
+    }
+
+    /// Whether nodes may attest with `tee`.
+    pub fn enabled(&self, tee: TeeKind) -> bool {
+        match tee {
+            TeeKind::Sim => self.sim.enabled,
+            TeeKind::Snp => self.snp.enabled,
+            TeeKind::Tdx => self.tdx.enabled,
+            TeeKind::Nitro => self.nitro.enabled,
+            TeeKind::Tpm => self.tpm.enabled,
+            TeeKind::AzSnpVtpm | TeeKind::AzTdxVtpm => false,
+        }
+    }
+
+    /// The verifiers of every enabled TEE.
+    pub fn enabled_verifiers(
+        &self,
+    ) -> Result<std::collections::HashMap<TeeKind, Box<dyn Verifier>>, AttestError> {
+        TeeKind::ALL
+            .into_iter()
+            .filter(|t| self.enabled(*t))
+            .map(|t| Ok((t, self.verifier(t)?)))
+            .collect()
+    }
 }
 
 /// The development TEE. Off unless enabled; never hardware-backed.
@@ -242,14 +396,18 @@ impl Config {
                 p.push(format!("{name}: {} is not a file", path.display()));
             }
         }
-        for (name, list) in [
-            ("roles.admins", &self.roles.admins),
-            ("roles.auditors", &self.roles.auditors),
+        for (name, list, uris) in [
+            ("roles.admins", &self.roles.admins, true),
+            ("roles.auditors", &self.roles.auditors, true),
+            ("roles.revoked", &self.roles.revoked, false),
         ] {
             for fp in list {
-                if fp.len() != 64 || hex::decode(fp).is_err() {
+                let is_fp = fp.len() == 64 && hex::decode(fp).is_ok();
+                let is_uri = uris && fp.contains("://") && !fp.chars().any(char::is_whitespace);
+                if !is_fp && !is_uri {
                     p.push(format!(
-                        "{name}: {fp:?} is not a SHA-256 fingerprint (64 hex digits)"
+                        "{name}: {fp:?} is not a SHA-256 fingerprint (64 hex digits){}",
+                        if uris { " or a SAN URI" } else { "" }
                     ));
                 }
             }
@@ -259,6 +417,12 @@ impl Config {
                 p.push(format!(
                     "attest.sim.trusted_keys: {k:?} is not a 32-byte hex Ed25519 key"
                 ));
+            }
+        }
+        // Roots, floors and overrides are parsed now, so a bad policy stops the start.
+        for tee in TeeKind::ALL.into_iter().filter(|t| self.attest.enabled(*t) && *t != TeeKind::Sim) {
+            if let Err(e) = self.attest.verifier(tee) {
+                p.push(format!("attest.{}: {e}", tee.as_str()));
             }
         }
         if self.attest.sim.enabled && self.attest.sim.trusted_keys.is_empty() {
@@ -294,6 +458,26 @@ impl Config {
                 "audit.checkpoint_interval_ms: {} is outside 100..=60000",
                 self.audit.checkpoint_interval_ms
             ));
+        }
+        if !(1..=16).contains(&self.approvals.quorum) {
+            p.push(format!("approvals.quorum: {} is outside 1..=16", self.approvals.quorum));
+        }
+        for op in &self.approvals.operations {
+            if op != "access_allow" {
+                p.push(format!("approvals.operations: unknown operation {op:?} (known: access_allow)"));
+            }
+        }
+        if !(60..=30 * 86_400).contains(&self.approvals.ttl_secs) {
+            p.push(format!("approvals.ttl_secs: {} is outside 60..=2592000", self.approvals.ttl_secs));
+        }
+        if self.budgets.grant_allowance_percent > 1000 {
+            p.push(format!(
+                "budgets.grant_allowance_percent: {} is above 1000",
+                self.budgets.grant_allowance_percent
+            ));
+        }
+        if !(1..=30 * 86_400).contains(&self.budgets.window_secs) {
+            p.push(format!("budgets.window_secs: {} is outside 1..=2592000", self.budgets.window_secs));
         }
         if !(1..=86_400).contains(&self.audit.heartbeat_secs) {
             p.push(format!(

@@ -31,8 +31,11 @@ use crate::proto::v1::{
     ListRevocationsRequest, ListRevocationsResponse, Revocation as PbRevocation, RevokeRequest,
     RevokeResponse,
 };
+use crate::proto::v1::{
+    DecideProposalRequest, ListProposalsRequest, ListProposalsResponse, Proposal,
+};
 use crate::store::{
-    AccessRule, Revocation, RevocationKind, StoreError, VersionRecord, chunk_key, version_prefix,
+    AccessRule, ProposalRecord, Revocation, RevocationKind, StoreError, VersionRecord, chunk_key, version_prefix,
 };
 
 pub struct AdminApi {
@@ -445,37 +448,184 @@ impl AdminApi {
             require: req.require.into_iter().collect(),
             created_ms: v.now(),
         };
+        let approvals = &v.approvals;
+        if approvals.quorum > 1 && approvals.operations.iter().any(|o| o == "access_allow") {
+            let proposal = self.propose(rid, &actor, "access_allow", rule_payload(&rule)).await?;
+            return Ok(AllowAccessResponse {
+                created: false,
+                proposal_id: proposal.id,
+            });
+        }
+        let created = self.apply_rule(rid, actor, rule, None).await?;
+        Ok(AllowAccessResponse {
+            created,
+            proposal_id: String::new(),
+        })
+    }
+
+    /// Adds a rule and records it; `approved_by` names the proposal's approvers.
+    async fn apply_rule(
+        &self,
+        rid: &str,
+        actor: Actor,
+        rule: AccessRule,
+        approved_by: Option<&[String]>,
+    ) -> Result<bool, ApiError> {
+        let v = &self.vault;
         let created = v
             .store
             .add_rule(&rule)
             .await
             .map_err(|e| internal(rid, "storing rule", e))?;
         let mut entry = v.entry(Action::AccessAllow, Decision::Allow, actor);
-        entry.model = Some(rule.model);
-        entry.tee = Some(rule.tee);
-        entry.measurement = Some(rule.measurement);
-        entry.simulated = (tee == TeeKind::Sim).then_some(true);
+        entry.simulated = (rule.tee == TeeKind::Sim.as_str()).then_some(true);
         let requires = rule
             .require
             .iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect::<Vec<_>>()
             .join(",");
+        entry.model = Some(rule.model);
+        entry.tee = Some(rule.tee);
+        entry.measurement = Some(rule.measurement);
         entry.reason = Some(format!(
-            "{}{}",
-            if created {
-                "rule added"
-            } else {
-                "rule already present"
-            },
-            if requires.is_empty() {
-                String::new()
-            } else {
-                format!("; requires {requires}")
-            }
+            "{}{}{}",
+            if created { "rule added" } else { "rule already present" },
+            if requires.is_empty() { String::new() } else { format!("; requires {requires}") },
+            approved_by.map_or(String::new(), |a| format!("; approved by {}", a.join(",")))
         ));
         v.record(rid, entry).await?;
-        Ok(AllowAccessResponse { created })
+        Ok(created)
+    }
+
+    async fn propose(
+        &self,
+        rid: &str,
+        actor: &Actor,
+        operation: &str,
+        payload: String,
+    ) -> Result<ProposalRecord, ApiError> {
+        let v = &self.vault;
+        let now = v.now();
+        let id = format!("p-{}", hex::encode(crate::grant::random::<8>().map_err(|e| internal(rid, "rng", e))?));
+        let who = actor.id.clone().unwrap_or_default();
+        let p = ProposalRecord {
+            id,
+            operation: operation.to_string(),
+            payload,
+            proposer: who.clone(),
+            approvers: vec![who],
+            quorum: v.approvals.quorum,
+            state: "pending".into(),
+            created_ms: now,
+            expires_ms: now.saturating_add(v.approvals.ttl_secs.saturating_mul(1000)),
+        };
+        let mut entry = v.entry(Action::Propose, Decision::Info, actor.clone());
+        entry.reason = Some(format!("proposal {} {}: {} (1 of {})", p.id, operation, p.payload, p.quorum));
+        v.record(rid, entry).await?;
+        v.store.put_proposal(&p).await.map_err(|e| internal(rid, "storing proposal", e))?;
+        Ok(p)
+    }
+
+    /// Approves (or rejects) a pending proposal; applies it when the quorum is reached.
+    async fn decide(&self, rid: &str, actor: Actor, id: &str, approve: bool) -> Result<ProposalRecord, ApiError> {
+        let v = &self.vault;
+        let prev = v
+            .store
+            .get_proposal(id)
+            .await
+            .map_err(|e| internal(rid, "loading proposal", e))?
+            .ok_or_else(|| ApiError::NotFound(format!("no proposal {:?}", id.chars().take(40).collect::<String>())))?;
+        if prev.state != "pending" {
+            return Err(ApiError::FailedPrecondition(format!("proposal {id} is {}", prev.state)));
+        }
+        let who = actor.id.clone().unwrap_or_default();
+        let mut next = prev.clone();
+        if v.now() >= prev.expires_ms {
+            next.state = "expired".into();
+            let _ = v.store.update_proposal(&prev, &next).await;
+            return Err(ApiError::FailedPrecondition(format!("proposal {id} expired")));
+        }
+        if approve {
+            // The same admin twice counts once.
+            if !next.approvers.contains(&who) {
+                next.approvers.push(who);
+            }
+            if next.approvers.len() >= next.quorum as usize {
+                next.state = "applied".into();
+            }
+        } else {
+            next.state = "rejected".into();
+        }
+        let mut entry = v.entry(if approve { Action::Approve } else { Action::Reject }, Decision::Info, actor.clone());
+        entry.reason = Some(format!(
+            "proposal {id} {}: {} of {} approvals; {}",
+            prev.operation,
+            next.approvers.len(),
+            next.quorum,
+            next.state
+        ));
+        v.record(rid, entry).await?;
+        if !v
+            .store
+            .update_proposal(&prev, &next)
+            .await
+            .map_err(|e| internal(rid, "updating proposal", e))?
+        {
+            return Err(ApiError::FailedPrecondition(format!("proposal {id} changed meanwhile; retry")));
+        }
+        if next.state == "applied" {
+            match next.operation.as_str() {
+                "access_allow" => {
+                    let rule = rule_from_payload(&next.payload).map_err(|e| internal(rid, "proposal payload", e))?;
+                    self.apply_rule(rid, actor, rule, Some(&next.approvers)).await?;
+                }
+                other => return Err(internal(rid, "applying proposal", format!("unknown operation {other}"))),
+            }
+        }
+        Ok(next)
+    }
+}
+
+fn rule_payload(rule: &AccessRule) -> String {
+    serde_json::json!({
+        "model": rule.model,
+        "tee": rule.tee,
+        "measurement": rule.measurement,
+        "require": rule.require,
+    })
+    .to_string()
+}
+
+fn rule_from_payload(payload: &str) -> Result<AccessRule, serde_json::Error> {
+    #[derive(serde::Deserialize)]
+    struct P {
+        model: String,
+        tee: String,
+        measurement: String,
+        require: std::collections::BTreeMap<String, String>,
+    }
+    let p: P = serde_json::from_str(payload)?;
+    Ok(AccessRule {
+        model: p.model,
+        tee: p.tee,
+        measurement: p.measurement,
+        require: p.require,
+        created_ms: 0,
+    })
+}
+
+fn proposal_pb(p: ProposalRecord) -> Proposal {
+    Proposal {
+        id: p.id,
+        operation: p.operation,
+        payload: p.payload,
+        proposer: p.proposer,
+        approvers: p.approvers,
+        quorum: p.quorum,
+        state: p.state,
+        created_ms: p.created_ms,
+        expires_ms: p.expires_ms,
     }
 }
 
@@ -760,5 +910,46 @@ impl AdminService for AdminApi {
                 })
                 .collect(),
         }))
+    }
+
+    async fn list_proposals(
+        &self,
+        req: Request<ListProposalsRequest>,
+    ) -> Result<Response<ListProposalsResponse>, Status> {
+        let rid = request_id();
+        self.vault.roles.require(&req, Role::Admin).map_err(|e| e.into_status(&rid))?;
+        let list = self
+            .vault
+            .store
+            .proposals(!req.get_ref().all)
+            .await
+            .map_err(|e| internal(&rid, "listing proposals", e).into_status(&rid))?;
+        Ok(Response::new(ListProposalsResponse {
+            proposals: list.into_iter().map(proposal_pb).collect(),
+        }))
+    }
+
+    async fn approve_proposal(
+        &self,
+        req: Request<DecideProposalRequest>,
+    ) -> Result<Response<Proposal>, Status> {
+        let rid = request_id();
+        let actor = self.vault.roles.require(&req, Role::Admin).map_err(|e| e.into_status(&rid))?;
+        self.decide(&rid, actor, &req.get_ref().id, true)
+            .await
+            .map(|p| Response::new(proposal_pb(p)))
+            .map_err(|e| e.into_status(&rid))
+    }
+
+    async fn reject_proposal(
+        &self,
+        req: Request<DecideProposalRequest>,
+    ) -> Result<Response<Proposal>, Status> {
+        let rid = request_id();
+        let actor = self.vault.roles.require(&req, Role::Admin).map_err(|e| e.into_status(&rid))?;
+        self.decide(&rid, actor, &req.get_ref().id, false)
+            .await
+            .map(|p| Response::new(proposal_pb(p)))
+            .map_err(|e| e.into_status(&rid))
     }
 }

@@ -16,6 +16,10 @@ pub enum ApiError {
     InvalidArgument(String),
     NotFound(String),
     OutOfRange(String),
+    /// The call is valid but the object is not in a state that allows it.
+    FailedPrecondition(String),
+    /// An egress budget is used up.
+    ResourceExhausted(String),
     /// The audit log cannot write: the vault refuses access (fail closed).
     AuditUnavailable,
     /// Something failed inside the vault; the detail was logged.
@@ -30,6 +34,8 @@ impl ApiError {
             ApiError::InvalidArgument(_) => Code::InvalidArgument,
             ApiError::NotFound(_) => Code::NotFound,
             ApiError::OutOfRange(_) => Code::OutOfRange,
+            ApiError::ResourceExhausted(_) => Code::ResourceExhausted,
+            ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
             ApiError::AuditUnavailable => Code::Unavailable,
             ApiError::Internal => Code::Internal,
         }
@@ -41,7 +47,9 @@ impl ApiError {
             | ApiError::PermissionDenied(r)
             | ApiError::InvalidArgument(r)
             | ApiError::NotFound(r)
-            | ApiError::OutOfRange(r) => r,
+            | ApiError::OutOfRange(r)
+            | ApiError::ResourceExhausted(r)
+            | ApiError::FailedPrecondition(r) => r,
             ApiError::AuditUnavailable => "audit log unavailable; access refused",
             ApiError::Internal => "internal error",
         }

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod audit;
 pub mod auth;
+pub mod budget;
 pub mod error;
 pub mod node;
 
@@ -17,7 +18,6 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
-use crate::attest::sim::SimVerifier;
 use crate::attest::{TeeKind, Verifier};
 use crate::audit::entry::ActorKind;
 use crate::audit::{Action, Actor, AuditEntry, Decision, Sequencer};
@@ -73,6 +73,8 @@ pub struct Vault {
     pub roles: auth::Roles,
     pub grant_ttl_ms: u64,
     pub chunk_size: u32,
+    pub budgets: budget::Budgets,
+    pub approvals: crate::config::ApprovalsConfig,
     /// Cancelled when the server shuts down; endless streams (audit tail) end on it.
     pub shutdown: CancellationToken,
 }
@@ -299,19 +301,15 @@ pub async fn start(cfg: &Config, opts: StartOptions) -> Result<RunningServer, Se
         tracing::info!(upload = %hex::encode(id), "removed an interrupted upload");
     }
 
-    let mut verifiers: HashMap<TeeKind, Box<dyn Verifier>> = HashMap::new();
-    let sim_enabled = cfg.attest.sim.enabled;
+    let verifiers: HashMap<TeeKind, Box<dyn Verifier>> = cfg
+        .attest
+        .enabled_verifiers()
+        .map_err(|e| ServerError::Config(format!("attestation policy: {e}")))?;
+    let sim_enabled = verifiers.contains_key(&TeeKind::Sim);
     if sim_enabled {
         tracing::warn!(
             simulated = true,
             "the simulated TEE (sim) is enabled: its evidence is not hardware-backed"
-        );
-        verifiers.insert(
-            TeeKind::Sim,
-            Box::new(SimVerifier::new(
-                cfg.sim_trusted_keys(),
-                cfg.attest.sim.max_evidence_age_secs.saturating_mul(1000),
-            )),
         );
     }
 
@@ -345,6 +343,8 @@ pub async fn start(cfg: &Config, opts: StartOptions) -> Result<RunningServer, Se
         grant_ttl_ms: cfg.grants.ttl_secs.saturating_mul(1000),
         chunk_size: cfg.storage.chunk_size,
         shutdown: shutdown.clone(),
+        budgets: budget::Budgets::new(cfg.budgets.clone()),
+        approvals: cfg.approvals.clone(),
     });
 
     let addr = opts.listen.unwrap_or(cfg.listen);

@@ -404,10 +404,20 @@ impl NodeApi {
                     req.first_chunk, end, file.chunks
                 )));
             }
-            Ok((grant, version.version_id, file, end))
+            // The grant's egress budget: the whole version's ciphertext plus the allowance.
+            let cipher_bytes: u64 = manifest
+                .files
+                .iter()
+                .map(|f| f.size + f.chunks * crate::envelope::TAG_LEN as u64)
+                .sum();
+            let limit = v.budgets.grant_limit(
+                cipher_bytes,
+                u64::from(manifest.chunk_size) + crate::envelope::TAG_LEN as u64,
+            );
+            Ok((grant, version.version_id, file, end, limit))
         }
         .await;
-        let (grant, version_id, file, end) = match checked {
+        let (grant, version_id, file, end, grant_limit) = match checked {
             Ok(x) => x,
             Err(e) => {
                 entry.reason = Some(e.reason().to_string());
@@ -456,6 +466,23 @@ impl NodeApi {
                     }
                 };
                 let len = data.len() as u64;
+                if let Err(scope) = vault.budgets.charge(&grant, grant_limit, len, vault.now()) {
+                    let why = format!("egress budget of the {} exhausted", scope.as_str());
+                    outcome = why.clone();
+                    let mut alert = vault.entry(Action::BudgetExceeded, Decision::Deny, node_actor(&token_hash));
+                    alert.model = Some(grant.model.clone());
+                    alert.version = Some(grant.version);
+                    alert.grant_id = Some(grant.grant_id.clone());
+                    alert.file = Some(file.path.clone());
+                    alert.bytes = Some(sent);
+                    alert.reason = Some(why.clone());
+                    let status = match vault.record(&rid, alert).await {
+                        Ok(_) => ApiError::ResourceExhausted(why).into_status(&rid),
+                        Err(e) => e.into_status(&rid),
+                    };
+                    let _ = tx.send(Err(status)).await;
+                    break;
+                }
                 if tx
                     .send(Ok(WeightChunk {
                         index,

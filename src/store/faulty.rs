@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use async_trait::async_trait;
 
 use super::{
-    AccessRule, CheckpointRecord, GrantRecord, KekRecord, MetadataStore, ModelSummary, Revocation,
+    AccessRule, ProposalRecord, CheckpointRecord, GrantRecord, KekRecord, MetadataStore, ModelSummary, Revocation,
     SessionRecord, StoreError, VersionRecord,
 };
 use crate::time::UnixMs;
@@ -178,6 +178,26 @@ impl MetadataStore for FaultyStore {
 
     async fn revocations(&self) -> Result<Vec<Revocation>, StoreError> {
         self.inner.revocations().await
+    }
+
+    async fn put_proposal(&self, p: &ProposalRecord) -> Result<(), StoreError> {
+        self.inner.put_proposal(p).await
+    }
+
+    async fn get_proposal(&self, id: &str) -> Result<Option<ProposalRecord>, StoreError> {
+        self.inner.get_proposal(id).await
+    }
+
+    async fn proposals(&self, pending_only: bool) -> Result<Vec<ProposalRecord>, StoreError> {
+        self.inner.proposals(pending_only).await
+    }
+
+    async fn update_proposal(
+        &self,
+        prev: &ProposalRecord,
+        next: &ProposalRecord,
+    ) -> Result<bool, StoreError> {
+        self.inner.update_proposal(prev, next).await
     }
 
     async fn remove_rule(&self, rule: &AccessRule) -> Result<bool, StoreError> {

@@ -117,6 +117,22 @@ pub struct Revocation {
     pub reason: String,
 }
 
+/// A sensitive change waiting for M-of-N approval.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProposalRecord {
+    pub id: String,
+    pub operation: String,
+    pub payload: String,
+    pub proposer: String,
+    /// Distinct admin fingerprints that approved, the proposer first.
+    pub approvers: Vec<String>,
+    pub quorum: u32,
+    /// pending, applied, rejected, expired.
+    pub state: String,
+    pub created_ms: UnixMs,
+    pub expires_ms: UnixMs,
+}
+
 #[derive(Debug, Clone)]
 pub struct GrantRecord {
     pub grant_id: String,
@@ -241,6 +257,16 @@ pub trait MetadataStore: Send + Sync + 'static {
     /// many grants it invalidated.
     async fn revoke(&self, r: &Revocation) -> Result<u64, StoreError>;
     async fn revocations(&self) -> Result<Vec<Revocation>, StoreError>;
+    async fn put_proposal(&self, p: &ProposalRecord) -> Result<(), StoreError>;
+    async fn get_proposal(&self, id: &str) -> Result<Option<ProposalRecord>, StoreError>;
+    async fn proposals(&self, pending_only: bool) -> Result<Vec<ProposalRecord>, StoreError>;
+    /// Replaces a proposal only if its stored approvers and state are still `prev`'s (two
+    /// admins deciding at once cannot both win); returns whether it was replaced.
+    async fn update_proposal(
+        &self,
+        prev: &ProposalRecord,
+        next: &ProposalRecord,
+    ) -> Result<bool, StoreError>;
     /// Removes an allow rule; returns whether it existed.
     async fn remove_rule(&self, rule: &AccessRule) -> Result<bool, StoreError>;
     async fn get_grant(&self, grant_id: &str) -> Result<Option<GrantRecord>, StoreError>;

@@ -10,7 +10,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 
 use super::{
-    AccessRule, CheckpointRecord, GrantRecord, KekRecord, MetadataStore, ModelSummary, Revocation,
+    AccessRule, CheckpointRecord, ProposalRecord, GrantRecord, KekRecord, MetadataStore, ModelSummary, Revocation,
     RevocationKind, SessionRecord, StoreError, VersionRecord,
 };
 use crate::time::UnixMs;
@@ -63,6 +63,12 @@ CREATE INDEX grants_by_model ON grants (model, version);
 CREATE TABLE revocations (
     kind TEXT NOT NULL, value TEXT NOT NULL, created_ms INTEGER NOT NULL, reason TEXT NOT NULL,
     PRIMARY KEY (kind, value));
+"#,
+    r#"
+CREATE TABLE proposals (
+    id TEXT PRIMARY KEY, operation TEXT NOT NULL, payload TEXT NOT NULL, proposer TEXT NOT NULL,
+    approvers TEXT NOT NULL, quorum INTEGER NOT NULL, state TEXT NOT NULL,
+    created_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL);
 "#,
 ];
 
@@ -166,6 +172,22 @@ impl SqliteStore {
             bytes_served: u(row.try_get("bytes_served")?),
         })
     }
+}
+
+fn proposal_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<ProposalRecord, StoreError> {
+    Ok(ProposalRecord {
+        id: r.try_get("id")?,
+        operation: r.try_get("operation")?,
+        payload: r.try_get("payload")?,
+        proposer: r.try_get("proposer")?,
+        approvers: serde_json::from_str(&r.try_get::<String, _>("approvers")?)
+            .map_err(|e| StoreError::Corrupt(format!("proposal approvers: {e}")))?,
+        quorum: u32::try_from(r.try_get::<i64, _>("quorum")?)
+            .map_err(|_| StoreError::Corrupt("proposal quorum".into()))?,
+        state: r.try_get("state")?,
+        created_ms: u(r.try_get("created_ms")?),
+        expires_ms: u(r.try_get("expires_ms")?),
+    })
 }
 
 const VERSION_COLS: &str = "model, version, version_id, kek_version, wrapped_dek, manifest, \
@@ -655,6 +677,61 @@ impl MetadataStore for SqliteStore {
                 })
             })
             .collect()
+    }
+
+    async fn put_proposal(&self, p: &ProposalRecord) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO proposals (id, operation, payload, proposer, approvers, quorum, state, \
+             created_ms, expires_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&p.id)
+        .bind(&p.operation)
+        .bind(&p.payload)
+        .bind(&p.proposer)
+        .bind(serde_json::to_string(&p.approvers).expect("list serializes"))
+        .bind(i64::from(p.quorum))
+        .bind(&p.state)
+        .bind(i(p.created_ms))
+        .bind(i(p.expires_ms))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn get_proposal(&self, id: &str) -> Result<Option<ProposalRecord>, StoreError> {
+        let row = sqlx::query("SELECT * FROM proposals WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(proposal_from_row).transpose()
+    }
+
+    async fn proposals(&self, pending_only: bool) -> Result<Vec<ProposalRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT * FROM proposals WHERE ?1 = 0 OR state = 'pending' ORDER BY created_ms DESC LIMIT 1000",
+        )
+        .bind(i64::from(pending_only))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(proposal_from_row).collect()
+    }
+
+    async fn update_proposal(
+        &self,
+        prev: &ProposalRecord,
+        next: &ProposalRecord,
+    ) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            "UPDATE proposals SET approvers = ?, state = ? WHERE id = ? AND approvers = ? AND state = ?",
+        )
+        .bind(serde_json::to_string(&next.approvers).expect("list serializes"))
+        .bind(&next.state)
+        .bind(&prev.id)
+        .bind(serde_json::to_string(&prev.approvers).expect("list serializes"))
+        .bind(&prev.state)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
     }
 
     async fn remove_rule(&self, rule: &AccessRule) -> Result<bool, StoreError> {

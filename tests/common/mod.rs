@@ -31,9 +31,19 @@ impl Vault {
     }
 
     pub async fn start_with_clock(dir: &Path, clock: ManualClock) -> Vault {
+        Self::start_configured(dir, clock, |_| {}).await
+    }
+
+    /// A vault whose config the test adjusts first.
+    pub async fn start_configured(
+        dir: &Path,
+        clock: ManualClock,
+        adjust: impl FnOnce(&mut Config),
+    ) -> Vault {
         let (path, _) = dev::ensure(dir).expect("dev setup");
         let mut cfg = Config::load(&path).expect("config");
         cfg.storage.chunk_size = 64 * 1024;
+        adjust(&mut cfg);
         let server = server::start(
             &cfg,
             StartOptions {
@@ -207,4 +217,38 @@ pub fn with_action<'a>(
     action: &str,
 ) -> Vec<&'a serde_json::Value> {
     entries.iter().filter(|e| e["action"] == action).collect()
+}
+
+use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair, KeyUsagePurpose, SanType};
+
+/// Issues a client certificate from the dev CA; returns (cert PEM, key PEM, DER).
+pub fn issue(dir: &std::path::Path, name: &str, uri: Option<&str>) -> (String, String, Vec<u8>) {
+    let ca_key = KeyPair::from_pem(&std::fs::read_to_string(dir.join(weightvault::config::dev::files::CA_KEY)).unwrap()).unwrap();
+    // The same issuer name and key as the dev CA (config/dev.rs), so the chain verifies.
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.distinguished_name.push(DnType::CommonName, "weightvault dev CA");
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name.push(DnType::CommonName, name);
+    if let Some(u) = uri {
+        p.subject_alt_names = vec![SanType::URI(u.try_into().unwrap())];
+    }
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = p.signed_by(&key, &issuer).unwrap();
+    (cert.pem(), key.serialize_pem(), cert.der().to_vec())
+}
+
+
+/// A connection presenting `id` (cert PEM, key PEM) or no certificate.
+pub async fn connect_as(v: &Vault, id: Option<&(String, String, Vec<u8>)>) -> tonic::transport::Channel {
+    let ep = Endpoint {
+        addr: v.addr(),
+        ca_pem: std::fs::read(v.dir.join(files::CA_CERT)).unwrap(),
+        identity: id.map(|(c, k, _)| (c.clone().into_bytes(), k.clone().into_bytes())),
+    };
+    ep.connect().await.unwrap()
 }
