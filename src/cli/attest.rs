@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Subcommand;
 
-use crate::attest::sim::{SimReport, SimSigner};
 use crate::attest::TeeKind;
+use crate::attest::sim::{SimReport, SimSigner};
 use crate::config::Config;
 use crate::config::dev::{self, files};
 use crate::time::{Clock, SystemClock};
@@ -32,8 +32,12 @@ pub enum AttestCmd {
         collateral: Option<PathBuf>,
         /// Expected report data, 64 bytes hex: SHA-512("weightvault/attest/v1" || nonce ||
         /// node key) for vault evidence, or the value a sample carries.
-        #[arg(long, value_name = "HEX")]
-        report_data: String,
+        #[arg(long, value_name = "HEX", required_unless_present = "nonce")]
+        report_data: Option<String>,
+        /// TPM only: check that the quote carries exactly this nonce (hex) instead of vault
+        /// report data, as third-party samples do. The node key is then not bound.
+        #[arg(long, value_name = "HEX", conflicts_with = "report_data")]
+        nonce: Option<String>,
         /// Trusted sim key (Ed25519 public key, hex); repeatable. Default: from --config, or
         /// the dev data directory's config.
         #[arg(long, value_name = "HEX")]
@@ -89,6 +93,7 @@ pub async fn run(cmd: AttestCmd) -> anyhow::Result<ExitCode> {
             certs,
             collateral,
             report_data,
+            nonce,
             trusted_key,
             config,
             at,
@@ -96,8 +101,8 @@ pub async fn run(cmd: AttestCmd) -> anyhow::Result<ExitCode> {
             json,
         } => {
             let tee: TeeKind = tee.parse()?;
-            let rd = report_data_arg(&report_data)?;
-            let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+            let read =
+                |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
             let ev = read(&evidence)?;
             let extra = certs.iter().map(read).collect::<anyhow::Result<Vec<_>>>()?;
             let collateral = collateral.as_ref().map(read).transpose()?;
@@ -109,7 +114,11 @@ pub async fn run(cmd: AttestCmd) -> anyhow::Result<ExitCode> {
             };
             if !trusted_key.is_empty() {
                 for k in &trusted_key {
-                    if hex::decode(k).ok().and_then(|v| <[u8; 32]>::try_from(v).ok()).is_none() {
+                    if hex::decode(k)
+                        .ok()
+                        .and_then(|v| <[u8; 32]>::try_from(v).ok())
+                        .is_none()
+                    {
                         anyhow::bail!("--trusted-key {k:?} is not a 32-byte hex key");
                     }
                 }
@@ -122,12 +131,23 @@ pub async fn run(cmd: AttestCmd) -> anyhow::Result<ExitCode> {
                 (None, Some(ms)) => ms,
                 (None, None) => SystemClock.now_ms(),
             };
-            match verifier.verify(&bundle, &rd, now) {
-                Ok(ok) => {
+            let outcome = match (&report_data, &nonce) {
+                (Some(rd), _) => verifier
+                    .verify(&bundle, &report_data_arg(rd)?, now)
+                    .map(|ok| ok.into_claims()),
+                (None, Some(n)) if tee == TeeKind::Tpm => {
+                    let n = hex::decode(n).map_err(|_| anyhow::anyhow!("--nonce must be hex"))?;
+                    crate::attest::tpm::TpmVerifier::new(attest_cfg.tpm.policy.clone())?
+                        .verify_with_nonce(&bundle, &n, now)
+                }
+                _ => anyhow::bail!("--nonce is for --tee tpm; other TEEs need --report-data"),
+            };
+            match outcome {
+                Ok(claims) => {
                     if json {
-                        println!("{{\"ok\":true,\"claims\":{}}}", ok.claims().to_json());
+                        println!("{{\"ok\":true,\"claims\":{}}}", claims.to_json());
                     } else {
-                        println!("{}", ok.claims().to_json());
+                        println!("{}", claims.to_json());
                     }
                     Ok(ExitCode::SUCCESS)
                 }
@@ -198,13 +218,29 @@ pub fn bundle(
 pub fn parse_rfc3339_ms(s: &str) -> anyhow::Result<u64> {
     let bad = || anyhow::anyhow!("{s:?} is not an RFC 3339 time like 2024-09-07T14:37:40Z");
     let b = s.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') || b[13] != b':' || b[16] != b':' {
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't' | b' ')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
         return Err(bad());
     }
     let num = |r: std::ops::Range<usize>| -> anyhow::Result<i64> {
-        s.get(r).filter(|d| d.bytes().all(|c| c.is_ascii_digit())).and_then(|d| d.parse().ok()).ok_or_else(bad)
+        s.get(r)
+            .filter(|d| d.bytes().all(|c| c.is_ascii_digit()))
+            .and_then(|d| d.parse().ok())
+            .ok_or_else(bad)
     };
-    let (y, mo, d, h, mi, sec) = (num(0..4)?, num(5..7)?, num(8..10)?, num(11..13)?, num(14..16)?, num(17..19)?);
+    let (y, mo, d, h, mi, sec) = (
+        num(0..4)?,
+        num(5..7)?,
+        num(8..10)?,
+        num(11..13)?,
+        num(14..16)?,
+        num(17..19)?,
+    );
     if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
         return Err(bad());
     }
@@ -215,7 +251,9 @@ pub fn parse_rfc3339_ms(s: &str) -> anyhow::Result<u64> {
         if digits.is_empty() {
             return Err(bad());
         }
-        ms = format!("{:0<3}", &digits[..digits.len().min(3)]).parse().map_err(|_| bad())?;
+        ms = format!("{:0<3}", &digits[..digits.len().min(3)])
+            .parse()
+            .map_err(|_| bad())?;
         rest = &frac[digits.len()..];
     }
     let offset_min = match rest {
@@ -227,7 +265,11 @@ pub fn parse_rfc3339_ms(s: &str) -> anyhow::Result<u64> {
         _ => return Err(bad()),
     };
     // Days from the civil date (proleptic Gregorian), Howard Hinnant's algorithm.
-    let (yy, mm) = if mo <= 2 { (y - 1, mo + 9) } else { (y, mo - 3) };
+    let (yy, mm) = if mo <= 2 {
+        (y - 1, mo + 9)
+    } else {
+        (y, mo - 3)
+    };
     let era = yy.div_euclid(400);
     let yoe = yy - era * 400;
     let doy = (153 * mm + 2) / 5 + d - 1;
@@ -244,10 +286,24 @@ mod tests {
     #[test]
     fn rfc3339_times() {
         assert_eq!(parse_rfc3339_ms("1970-01-01T00:00:00Z").unwrap(), 0);
-        assert_eq!(parse_rfc3339_ms("2024-09-07T14:37:39.545Z").unwrap(), 1_725_719_859_545);
-        assert_eq!(parse_rfc3339_ms("2024-09-07T16:37:39.545+02:00").unwrap(), 1_725_719_859_545);
-        assert_eq!(parse_rfc3339_ms("2000-02-29T12:00:00Z").unwrap(), 951_825_600_000);
-        for bad in ["2024-09-07", "2024-13-01T00:00:00Z", "2024-09-07T14:37:39", "x"] {
+        assert_eq!(
+            parse_rfc3339_ms("2024-09-07T14:37:39.545Z").unwrap(),
+            1_725_719_859_545
+        );
+        assert_eq!(
+            parse_rfc3339_ms("2024-09-07T16:37:39.545+02:00").unwrap(),
+            1_725_719_859_545
+        );
+        assert_eq!(
+            parse_rfc3339_ms("2000-02-29T12:00:00Z").unwrap(),
+            951_825_600_000
+        );
+        for bad in [
+            "2024-09-07",
+            "2024-13-01T00:00:00Z",
+            "2024-09-07T14:37:39",
+            "x",
+        ] {
             assert!(parse_rfc3339_ms(bad).is_err(), "{bad}");
         }
     }
