@@ -3,6 +3,7 @@
 //! One [`Verifier`] per TEE. Success is an [`AttestationVerified`], a value only this module can
 //! construct; the grant path cannot proceed without one.
 
+pub mod azure;
 pub mod nitro;
 pub mod sim;
 pub mod snp;
