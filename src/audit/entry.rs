@@ -26,6 +26,8 @@ pub enum Action {
     Revoke,
     /// An egress budget stopped a fetch (an alert for operators).
     BudgetExceeded,
+    /// A call refused for its client certificate or role.
+    AuthDenied,
     /// A sensitive change was proposed, approved or rejected (M-of-N).
     Propose,
     Approve,

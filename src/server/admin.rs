@@ -27,15 +27,16 @@ use crate::proto::v1::{
     ModelSummary as PbSummary, PushModelRequest, PushModelResponse, VersionInfo,
 };
 use crate::proto::v1::{
+    DecideProposalRequest, ListProposalsRequest, ListProposalsResponse, Proposal,
+};
+use crate::proto::v1::{
     DenyAccessRequest, DenyAccessResponse, GrantInfo, ListGrantsRequest, ListGrantsResponse,
     ListRevocationsRequest, ListRevocationsResponse, Revocation as PbRevocation, RevokeRequest,
     RevokeResponse,
 };
-use crate::proto::v1::{
-    DecideProposalRequest, ListProposalsRequest, ListProposalsResponse, Proposal,
-};
 use crate::store::{
-    AccessRule, ProposalRecord, Revocation, RevocationKind, StoreError, VersionRecord, chunk_key, version_prefix,
+    AccessRule, ProposalRecord, Revocation, RevocationKind, StoreError, VersionRecord, chunk_key,
+    version_prefix,
 };
 
 pub struct AdminApi {
@@ -450,7 +451,9 @@ impl AdminApi {
         };
         let approvals = &v.approvals;
         if approvals.quorum > 1 && approvals.operations.iter().any(|o| o == "access_allow") {
-            let proposal = self.propose(rid, &actor, "access_allow", rule_payload(&rule)).await?;
+            let proposal = self
+                .propose(rid, &actor, "access_allow", rule_payload(&rule))
+                .await?;
             return Ok(AllowAccessResponse {
                 created: false,
                 proposal_id: proposal.id,
@@ -490,8 +493,16 @@ impl AdminApi {
         entry.measurement = Some(rule.measurement);
         entry.reason = Some(format!(
             "{}{}{}",
-            if created { "rule added" } else { "rule already present" },
-            if requires.is_empty() { String::new() } else { format!("; requires {requires}") },
+            if created {
+                "rule added"
+            } else {
+                "rule already present"
+            },
+            if requires.is_empty() {
+                String::new()
+            } else {
+                format!("; requires {requires}")
+            },
             approved_by.map_or(String::new(), |a| format!("; approved by {}", a.join(",")))
         ));
         v.record(rid, entry).await?;
@@ -507,7 +518,10 @@ impl AdminApi {
     ) -> Result<ProposalRecord, ApiError> {
         let v = &self.vault;
         let now = v.now();
-        let id = format!("p-{}", hex::encode(crate::grant::random::<8>().map_err(|e| internal(rid, "rng", e))?));
+        let id = format!(
+            "p-{}",
+            hex::encode(crate::grant::random::<8>().map_err(|e| internal(rid, "rng", e))?)
+        );
         let who = actor.id.clone().unwrap_or_default();
         let p = ProposalRecord {
             id,
@@ -521,30 +535,52 @@ impl AdminApi {
             expires_ms: now.saturating_add(v.approvals.ttl_secs.saturating_mul(1000)),
         };
         let mut entry = v.entry(Action::Propose, Decision::Info, actor.clone());
-        entry.reason = Some(format!("proposal {} {}: {} (1 of {})", p.id, operation, p.payload, p.quorum));
+        entry.reason = Some(format!(
+            "proposal {} {}: {} (1 of {})",
+            p.id, operation, p.payload, p.quorum
+        ));
         v.record(rid, entry).await?;
-        v.store.put_proposal(&p).await.map_err(|e| internal(rid, "storing proposal", e))?;
+        v.store
+            .put_proposal(&p)
+            .await
+            .map_err(|e| internal(rid, "storing proposal", e))?;
         Ok(p)
     }
 
     /// Approves (or rejects) a pending proposal; applies it when the quorum is reached.
-    async fn decide(&self, rid: &str, actor: Actor, id: &str, approve: bool) -> Result<ProposalRecord, ApiError> {
+    async fn decide(
+        &self,
+        rid: &str,
+        actor: Actor,
+        id: &str,
+        approve: bool,
+    ) -> Result<ProposalRecord, ApiError> {
         let v = &self.vault;
         let prev = v
             .store
             .get_proposal(id)
             .await
             .map_err(|e| internal(rid, "loading proposal", e))?
-            .ok_or_else(|| ApiError::NotFound(format!("no proposal {:?}", id.chars().take(40).collect::<String>())))?;
+            .ok_or_else(|| {
+                ApiError::NotFound(format!(
+                    "no proposal {:?}",
+                    id.chars().take(40).collect::<String>()
+                ))
+            })?;
         if prev.state != "pending" {
-            return Err(ApiError::FailedPrecondition(format!("proposal {id} is {}", prev.state)));
+            return Err(ApiError::FailedPrecondition(format!(
+                "proposal {id} is {}",
+                prev.state
+            )));
         }
         let who = actor.id.clone().unwrap_or_default();
         let mut next = prev.clone();
         if v.now() >= prev.expires_ms {
             next.state = "expired".into();
             let _ = v.store.update_proposal(&prev, &next).await;
-            return Err(ApiError::FailedPrecondition(format!("proposal {id} expired")));
+            return Err(ApiError::FailedPrecondition(format!(
+                "proposal {id} expired"
+            )));
         }
         if approve {
             // The same admin twice counts once.
@@ -557,7 +593,15 @@ impl AdminApi {
         } else {
             next.state = "rejected".into();
         }
-        let mut entry = v.entry(if approve { Action::Approve } else { Action::Reject }, Decision::Info, actor.clone());
+        let mut entry = v.entry(
+            if approve {
+                Action::Approve
+            } else {
+                Action::Reject
+            },
+            Decision::Info,
+            actor.clone(),
+        );
         entry.reason = Some(format!(
             "proposal {id} {}: {} of {} approvals; {}",
             prev.operation,
@@ -572,15 +616,25 @@ impl AdminApi {
             .await
             .map_err(|e| internal(rid, "updating proposal", e))?
         {
-            return Err(ApiError::FailedPrecondition(format!("proposal {id} changed meanwhile; retry")));
+            return Err(ApiError::FailedPrecondition(format!(
+                "proposal {id} changed meanwhile; retry"
+            )));
         }
         if next.state == "applied" {
             match next.operation.as_str() {
                 "access_allow" => {
-                    let rule = rule_from_payload(&next.payload).map_err(|e| internal(rid, "proposal payload", e))?;
-                    self.apply_rule(rid, actor, rule, Some(&next.approvers)).await?;
+                    let rule = rule_from_payload(&next.payload)
+                        .map_err(|e| internal(rid, "proposal payload", e))?;
+                    self.apply_rule(rid, actor, rule, Some(&next.approvers))
+                        .await?;
                 }
-                other => return Err(internal(rid, "applying proposal", format!("unknown operation {other}"))),
+                other => {
+                    return Err(internal(
+                        rid,
+                        "applying proposal",
+                        format!("unknown operation {other}"),
+                    ));
+                }
             }
         }
         Ok(next)
@@ -638,9 +692,8 @@ impl AdminService for AdminApi {
         let rid = request_id();
         let actor = self
             .vault
-            .roles
-            .require(&req, Role::Admin)
-            .map_err(|e| e.into_status(&rid))?;
+            .authorize(&req, Role::Admin, "push_model", &rid)
+            .await?;
         self.push(&rid, actor, req.into_inner())
             .await
             .map(Response::new)
@@ -653,9 +706,8 @@ impl AdminService for AdminApi {
     ) -> Result<Response<ListModelsResponse>, Status> {
         let rid = request_id();
         self.vault
-            .roles
-            .require(&req, Role::Admin)
-            .map_err(|e| e.into_status(&rid))?;
+            .authorize(&req, Role::Admin, "list_models", &rid)
+            .await?;
         let models = self
             .vault
             .store
@@ -680,9 +732,8 @@ impl AdminService for AdminApi {
     ) -> Result<Response<GetModelResponse>, Status> {
         let rid = request_id();
         self.vault
-            .roles
-            .require(&req, Role::Admin)
-            .map_err(|e| e.into_status(&rid))?;
+            .authorize(&req, Role::Admin, "get_model", &rid)
+            .await?;
         self.get_model(&rid, &req.get_ref().name)
             .await
             .map(Response::new)
@@ -696,9 +747,8 @@ impl AdminService for AdminApi {
         let rid = request_id();
         let actor = self
             .vault
-            .roles
-            .require(&req, Role::Admin)
-            .map_err(|e| e.into_status(&rid))?;
+            .authorize(&req, Role::Admin, "allow_access", &rid)
+            .await?;
         self.allow(&rid, actor, req.into_inner())
             .await
             .map(Response::new)
@@ -711,9 +761,8 @@ impl AdminService for AdminApi {
     ) -> Result<Response<ListAccessResponse>, Status> {
         let rid = request_id();
         self.vault
-            .roles
-            .require(&req, Role::Admin)
-            .map_err(|e| e.into_status(&rid))?;
+            .authorize(&req, Role::Admin, "list_access", &rid)
+            .await?;
         let model = &req.get_ref().model;
         let rules = self
             .vault
@@ -742,9 +791,8 @@ impl AdminService for AdminApi {
         let rid = request_id();
         let actor = self
             .vault
-            .roles
-            .require(&req, Role::Admin)
-            .map_err(|e| e.into_status(&rid))?;
+            .authorize(&req, Role::Admin, "deny_access", &rid)
+            .await?;
         let r = req.into_inner();
         let rule = AccessRule {
             model: r.model,
@@ -788,9 +836,8 @@ impl AdminService for AdminApi {
         let rid = request_id();
         let actor = self
             .vault
-            .roles
-            .require(&req, Role::Admin)
-            .map_err(|e| e.into_status(&rid))?;
+            .authorize(&req, Role::Admin, "revoke", &rid)
+            .await?;
         let r = req.into_inner();
         let bad = |m: &str| ApiError::InvalidArgument(m.to_string()).into_status(&rid);
         let (kind, value) = match r.target {
@@ -851,9 +898,8 @@ impl AdminService for AdminApi {
     ) -> Result<Response<ListRevocationsResponse>, Status> {
         let rid = request_id();
         self.vault
-            .roles
-            .require(&req, Role::Admin)
-            .map_err(|e| e.into_status(&rid))?;
+            .authorize(&req, Role::Admin, "list_revocations", &rid)
+            .await?;
         let list = self
             .vault
             .store
@@ -879,9 +925,8 @@ impl AdminService for AdminApi {
     ) -> Result<Response<ListGrantsResponse>, Status> {
         let rid = request_id();
         self.vault
-            .roles
-            .require(&req, Role::Admin)
-            .map_err(|e| e.into_status(&rid))?;
+            .authorize(&req, Role::Admin, "list_grants", &rid)
+            .await?;
         let r = req.into_inner();
         let grants = self
             .vault
@@ -917,7 +962,9 @@ impl AdminService for AdminApi {
         req: Request<ListProposalsRequest>,
     ) -> Result<Response<ListProposalsResponse>, Status> {
         let rid = request_id();
-        self.vault.roles.require(&req, Role::Admin).map_err(|e| e.into_status(&rid))?;
+        self.vault
+            .authorize(&req, Role::Admin, "list_proposals", &rid)
+            .await?;
         let list = self
             .vault
             .store
@@ -934,7 +981,10 @@ impl AdminService for AdminApi {
         req: Request<DecideProposalRequest>,
     ) -> Result<Response<Proposal>, Status> {
         let rid = request_id();
-        let actor = self.vault.roles.require(&req, Role::Admin).map_err(|e| e.into_status(&rid))?;
+        let actor = self
+            .vault
+            .authorize(&req, Role::Admin, "approve_proposal", &rid)
+            .await?;
         self.decide(&rid, actor, &req.get_ref().id, true)
             .await
             .map(|p| Response::new(proposal_pb(p)))
@@ -946,7 +996,10 @@ impl AdminService for AdminApi {
         req: Request<DecideProposalRequest>,
     ) -> Result<Response<Proposal>, Status> {
         let rid = request_id();
-        let actor = self.vault.roles.require(&req, Role::Admin).map_err(|e| e.into_status(&rid))?;
+        let actor = self
+            .vault
+            .authorize(&req, Role::Admin, "reject_proposal", &rid)
+            .await?;
         self.decide(&rid, actor, &req.get_ref().id, false)
             .await
             .map(|p| Response::new(proposal_pb(p)))

@@ -29,12 +29,12 @@ impl AuditApi {
         Self { vault }
     }
 
-    fn require<T>(&self, req: &Request<T>) -> Result<String, Status> {
+    /// Every AuditService call requires the auditor role.
+    async fn require<T>(&self, req: &Request<T>, method: &str) -> Result<String, Status> {
         let rid = request_id();
         self.vault
-            .roles
-            .require(req, Role::Auditor)
-            .map_err(|e| e.into_status(&rid))?;
+            .authorize(req, Role::Auditor, method, &rid)
+            .await?;
         Ok(rid)
     }
 
@@ -94,7 +94,7 @@ impl AuditService for AuditApi {
         &self,
         req: Request<GetCheckpointRequest>,
     ) -> Result<Response<Checkpoint>, Status> {
-        let rid = self.require(&req)?;
+        let rid = self.require(&req, "get_checkpoint").await?;
         let cp = self.vault.audit.checkpoint().await.map_err(|e| {
             tracing::error!(request_id = rid, error = %e, "checkpoint");
             ApiError::AuditUnavailable.into_status(&rid)
@@ -113,7 +113,7 @@ impl AuditService for AuditApi {
         &self,
         req: Request<GetEntriesRequest>,
     ) -> Result<Response<Self::GetEntriesStream>, Status> {
-        let rid = self.require(&req)?;
+        let rid = self.require(&req, "get_entries").await?;
         let GetEntriesRequest { start, end } = req.into_inner();
         let size = *self.vault.audit.size().borrow();
         let end = if end == 0 { size } else { end.min(size) };
@@ -124,7 +124,7 @@ impl AuditService for AuditApi {
         &self,
         req: Request<GetInclusionProofRequest>,
     ) -> Result<Response<Proof>, Status> {
-        let rid = self.require(&req)?;
+        let rid = self.require(&req, "get_inclusion_proof").await?;
         let GetInclusionProofRequest { index, tree_size } = req.into_inner();
         let leaves = self.vault.audit.leaves().clone();
         let r = tokio::task::spawn_blocking(move || {
@@ -144,7 +144,7 @@ impl AuditService for AuditApi {
         &self,
         req: Request<GetConsistencyProofRequest>,
     ) -> Result<Response<Proof>, Status> {
-        let rid = self.require(&req)?;
+        let rid = self.require(&req, "get_consistency_proof").await?;
         let GetConsistencyProofRequest { old_size, new_size } = req.into_inner();
         let leaves = self.vault.audit.leaves().clone();
         let r = tokio::task::spawn_blocking(move || {
@@ -163,7 +163,7 @@ impl AuditService for AuditApi {
     type TailStream = EntryStream;
 
     async fn tail(&self, req: Request<TailRequest>) -> Result<Response<Self::TailStream>, Status> {
-        let rid = self.require(&req)?;
+        let rid = self.require(&req, "tail").await?;
         Ok(Response::new(self.stream(rid, req.get_ref().start, None)))
     }
 
@@ -171,7 +171,7 @@ impl AuditService for AuditApi {
         &self,
         req: Request<GetEvidenceRequest>,
     ) -> Result<Response<Evidence>, Status> {
-        let rid = self.require(&req)?;
+        let rid = self.require(&req, "get_evidence").await?;
         let sha: [u8; 32] = req.get_ref().sha256.as_slice().try_into().map_err(|_| {
             ApiError::InvalidArgument("sha256 must be 32 bytes".into()).into_status(&rid)
         })?;

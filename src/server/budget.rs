@@ -70,7 +70,8 @@ impl Budgets {
     /// Bytes a grant may serve: the version's ciphertext size plus the configured allowance for
     /// retries, and at least one more chunk.
     pub fn grant_limit(&self, version_cipher_bytes: u64, chunk_bytes: u64) -> u64 {
-        let allowance = version_cipher_bytes.saturating_mul(u64::from(self.cfg.grant_allowance_percent)) / 100;
+        let allowance =
+            version_cipher_bytes.saturating_mul(u64::from(self.cfg.grant_allowance_percent)) / 100;
         version_cipher_bytes
             .saturating_add(allowance)
             .saturating_add(chunk_bytes)
@@ -101,7 +102,11 @@ impl Budgets {
             if limit == 0 {
                 continue;
             }
-            let map = if scope == Scope::Node { &mut c.nodes } else { &mut c.models };
+            let map = if scope == Scope::Node {
+                &mut c.nodes
+            } else {
+                &mut c.models
+            };
             let w = map.entry(key.clone()).or_default();
             w.expire(now, window_ms);
             if w.total.saturating_add(bytes) > limit {
@@ -116,7 +121,11 @@ impl Budgets {
             if limit == 0 {
                 continue;
             }
-            let map = if scope == Scope::Node { &mut c.nodes } else { &mut c.models };
+            let map = if scope == Scope::Node {
+                &mut c.nodes
+            } else {
+                &mut c.models
+            };
             let w = map.entry(key.clone()).or_default();
             w.events.push_back((now, bytes));
             w.total += bytes;

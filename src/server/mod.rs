@@ -97,6 +97,39 @@ impl Vault {
         })
     }
 
+    /// The one authorization check of admin and auditor calls: the caller's certificate must
+    /// carry `role`. A refusal is recorded in the audit log before it is returned.
+    pub async fn authorize<T>(
+        &self,
+        req: &tonic::Request<T>,
+        role: auth::Role,
+        method: &str,
+        request_id: &str,
+    ) -> Result<Actor, tonic::Status> {
+        match self.roles.require(req, role) {
+            Ok(actor) => Ok(actor),
+            Err(e) => {
+                let fp = req.peer_certs().and_then(|c| {
+                    c.first()
+                        .map(|l| crate::config::cert_fingerprint(l.as_ref()))
+                });
+                let actor = match fp {
+                    Some(fp) => Actor::new(crate::audit::entry::ActorKind::Anonymous, fp),
+                    None => Actor {
+                        kind: crate::audit::entry::ActorKind::Anonymous,
+                        id: None,
+                    },
+                };
+                let mut entry = self.entry(Action::AuthDenied, Decision::Deny, actor);
+                entry.reason = Some(format!("{method}: {}", e.reason()));
+                if let Err(audit) = self.record(request_id, entry).await {
+                    return Err(audit.into_status(request_id));
+                }
+                Err(e.into_status(request_id))
+            }
+        }
+    }
+
     pub fn entry(&self, action: Action, decision: Decision, actor: Actor) -> AuditEntry {
         AuditEntry::new(self.now(), action, decision, actor)
     }

@@ -469,7 +469,11 @@ impl NodeApi {
                 if let Err(scope) = vault.budgets.charge(&grant, grant_limit, len, vault.now()) {
                     let why = format!("egress budget of the {} exhausted", scope.as_str());
                     outcome = why.clone();
-                    let mut alert = vault.entry(Action::BudgetExceeded, Decision::Deny, node_actor(&token_hash));
+                    let mut alert = vault.entry(
+                        Action::BudgetExceeded,
+                        Decision::Deny,
+                        node_actor(&token_hash),
+                    );
                     alert.model = Some(grant.model.clone());
                     alert.version = Some(grant.version);
                     alert.grant_id = Some(grant.grant_id.clone());
