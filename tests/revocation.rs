@@ -266,7 +266,9 @@ async fn egress_budgets_per_grant_node_and_model() {
     use weightvault::proto::v1::{AttestRequest, GetChallengeRequest, RequestGrantRequest};
 
     let tmp = tempfile::tempdir().unwrap();
-    let clock = weightvault::time::ManualClock::new(weightvault::time::Clock::now_ms(&weightvault::time::SystemClock));
+    let clock = weightvault::time::ManualClock::new(weightvault::time::Clock::now_ms(
+        &weightvault::time::SystemClock,
+    ));
     let v = Vault::start_configured(&tmp.path().join("data"), clock, |c| {
         c.budgets.node_bytes_per_window = 1_000_000;
         c.budgets.model_bytes_per_window = 1_500_000;
@@ -274,35 +276,72 @@ async fn egress_budgets_per_grant_node_and_model() {
     })
     .await;
     v.push_dir("m", &model_dir(tmp.path())).await;
-    v.admin().await.allow("m", "sim", MEASUREMENT).await.unwrap();
+    v.admin()
+        .await
+        .allow("m", "sim", MEASUREMENT)
+        .await
+        .unwrap();
 
     // One grant, the 300 kB shard fetched again and again: the grant's budget (version size +
     // 10 % + one chunk) stops the second full pass.
-    let mut c = NodeServiceClient::new(v.channel(None).await).max_decoding_message_size(MAX_MESSAGE);
+    let mut c =
+        NodeServiceClient::new(v.channel(None).await).max_decoding_message_size(MAX_MESSAGE);
     let grant_for = |instance: &'static str| {
         let v = &v;
         async move {
-            let mut c = NodeServiceClient::new(v.channel(None).await).max_decoding_message_size(MAX_MESSAGE);
+            let mut c = NodeServiceClient::new(v.channel(None).await)
+                .max_decoding_message_size(MAX_MESSAGE);
             let keys = NodeKeyPair::generate().unwrap();
-            let nonce = c.get_challenge(GetChallengeRequest {}).await.unwrap().into_inner().nonce;
+            let nonce = c
+                .get_challenge(GetChallengeRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .nonce;
             let mut a = v.attester(MEASUREMENT);
             a.instance = instance.into();
-            let evidence = a.evidence(&report_data(&nonce.clone().try_into().unwrap(), keys.public_key())).unwrap();
+            let evidence = a
+                .evidence(&report_data(
+                    &nonce.clone().try_into().unwrap(),
+                    keys.public_key(),
+                ))
+                .unwrap();
             let token = c
-                .attest(AttestRequest { tee: "sim".into(), evidence, node_public_key: keys.public_key().to_vec(), nonce })
+                .attest(AttestRequest {
+                    tee: "sim".into(),
+                    evidence,
+                    node_public_key: keys.public_key().to_vec(),
+                    nonce,
+                })
                 .await
                 .unwrap()
                 .into_inner()
                 .session_token;
-            let g = c.request_grant(RequestGrantRequest { session_token: token.clone(), model: "m".into(), version: 0 }).await.unwrap().into_inner();
+            let g = c
+                .request_grant(RequestGrantRequest {
+                    session_token: token.clone(),
+                    model: "m".into(),
+                    version: 0,
+                })
+                .await
+                .unwrap()
+                .into_inner();
             (token, g.grant_id)
         }
     };
     let (t1, g1) = grant_for("node-a").await;
-    assert_eq!(pass(&mut c, t1.clone(), g1.clone()).await.unwrap(), 300_000 + 5 * 16);
+    assert_eq!(
+        pass(&mut c, t1.clone(), g1.clone()).await.unwrap(),
+        300_000 + 5 * 16
+    );
     let err = pass(&mut c, t1, g1).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
-    assert!(err.message().contains("egress budget of the grant exhausted"), "{}", err.message());
+    assert!(
+        err.message()
+            .contains("egress budget of the grant exhausted"),
+        "{}",
+        err.message()
+    );
 
     // Node budget: node-b may fetch 1,000,000 bytes per minute across grants.
     let mut served = 0u64;
@@ -314,7 +353,12 @@ async fn egress_budgets_per_grant_node_and_model() {
         }
     };
     assert!(served <= 1_000_000);
-    assert!(err.message().contains("egress budget of the node exhausted"), "{}", err.message());
+    assert!(
+        err.message()
+            .contains("egress budget of the node exhausted"),
+        "{}",
+        err.message()
+    );
 
     // Model budget: all nodes together, 1,500,000 bytes per minute.
     let err = loop {
@@ -323,7 +367,12 @@ async fn egress_budgets_per_grant_node_and_model() {
             break e;
         }
     };
-    assert!(err.message().contains("egress budget of the model exhausted"), "{}", err.message());
+    assert!(
+        err.message()
+            .contains("egress budget of the model exhausted"),
+        "{}",
+        err.message()
+    );
     let alerts = with_action(&v.audit_entries().await, "budget_exceeded").len();
     assert_eq!(alerts, 3);
 }

@@ -176,16 +176,22 @@ fn verifier_config(
     config: Option<&Path>,
 ) -> anyhow::Result<crate::config::AttestConfig> {
     let mut cfg = match config {
-        Some(p) => Config::load(p)
-            .with_context(|| format!("--config {}", p.display()))?
-            .attest,
+        Some(p) => {
+            Config::load(p)
+                .with_context(|| format!("--config {}", p.display()))?
+                .attest
+        }
         None => Config::load(&dev::default_data_dir().join(dev::CONFIG_FILE))
             .map(|c| c.attest)
             .unwrap_or_default(),
     };
     if !explicit.is_empty() {
         for k in explicit {
-            if hex::decode(k).ok().and_then(|v| <[u8; 32]>::try_from(v).ok()).is_none() {
+            if hex::decode(k)
+                .ok()
+                .and_then(|v| <[u8; 32]>::try_from(v).ok())
+                .is_none()
+            {
                 bail!("--sim-trusted-key {k:?} is not a 32-byte hex key");
             }
         }

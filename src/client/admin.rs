@@ -223,7 +223,10 @@ impl AdminClient {
             .grants)
     }
 
-    pub async fn proposals(&mut self, all: bool) -> Result<Vec<crate::proto::v1::Proposal>, ClientError> {
+    pub async fn proposals(
+        &mut self,
+        all: bool,
+    ) -> Result<Vec<crate::proto::v1::Proposal>, ClientError> {
         Ok(self
             .inner
             .list_proposals(crate::proto::v1::ListProposalsRequest { all })
@@ -233,7 +236,11 @@ impl AdminClient {
     }
 
     /// Approves (`true`) or rejects a proposal; returns it as it now stands.
-    pub async fn decide(&mut self, id: &str, approve: bool) -> Result<crate::proto::v1::Proposal, ClientError> {
+    pub async fn decide(
+        &mut self,
+        id: &str,
+        approve: bool,
+    ) -> Result<crate::proto::v1::Proposal, ClientError> {
         let req = crate::proto::v1::DecideProposalRequest { id: id.to_string() };
         Ok(if approve {
             self.inner.approve_proposal(req).await?

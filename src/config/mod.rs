@@ -420,7 +420,10 @@ impl Config {
             }
         }
         // Roots, floors and overrides are parsed now, so a bad policy stops the start.
-        for tee in TeeKind::ALL.into_iter().filter(|t| self.attest.enabled(*t) && *t != TeeKind::Sim) {
+        for tee in TeeKind::ALL
+            .into_iter()
+            .filter(|t| self.attest.enabled(*t) && *t != TeeKind::Sim)
+        {
             if let Err(e) = self.attest.verifier(tee) {
                 p.push(format!("attest.{}: {e}", tee.as_str()));
             }
@@ -460,15 +463,23 @@ impl Config {
             ));
         }
         if !(1..=16).contains(&self.approvals.quorum) {
-            p.push(format!("approvals.quorum: {} is outside 1..=16", self.approvals.quorum));
+            p.push(format!(
+                "approvals.quorum: {} is outside 1..=16",
+                self.approvals.quorum
+            ));
         }
         for op in &self.approvals.operations {
             if op != "access_allow" {
-                p.push(format!("approvals.operations: unknown operation {op:?} (known: access_allow)"));
+                p.push(format!(
+                    "approvals.operations: unknown operation {op:?} (known: access_allow)"
+                ));
             }
         }
         if !(60..=30 * 86_400).contains(&self.approvals.ttl_secs) {
-            p.push(format!("approvals.ttl_secs: {} is outside 60..=2592000", self.approvals.ttl_secs));
+            p.push(format!(
+                "approvals.ttl_secs: {} is outside 60..=2592000",
+                self.approvals.ttl_secs
+            ));
         }
         if self.budgets.grant_allowance_percent > 1000 {
             p.push(format!(
@@ -477,7 +488,10 @@ impl Config {
             ));
         }
         if !(1..=30 * 86_400).contains(&self.budgets.window_secs) {
-            p.push(format!("budgets.window_secs: {} is outside 1..=2592000", self.budgets.window_secs));
+            p.push(format!(
+                "budgets.window_secs: {} is outside 1..=2592000",
+                self.budgets.window_secs
+            ));
         }
         if !(1..=86_400).contains(&self.audit.heartbeat_secs) {
             p.push(format!(

@@ -669,7 +669,13 @@ fn rule_from_payload(payload: &str) -> Result<AccessRule, serde_json::Error> {
     })
 }
 
-fn proposal_pb(p: ProposalRecord) -> Proposal {
+fn proposal_pb(p: ProposalRecord, now: u64) -> Proposal {
+    // A pending proposal past its expiry is shown as expired (it can no longer be approved).
+    let state = if p.state == "pending" && now >= p.expires_ms {
+        "expired".to_string()
+    } else {
+        p.state
+    };
     Proposal {
         id: p.id,
         operation: p.operation,
@@ -677,7 +683,7 @@ fn proposal_pb(p: ProposalRecord) -> Proposal {
         proposer: p.proposer,
         approvers: p.approvers,
         quorum: p.quorum,
-        state: p.state,
+        state,
         created_ms: p.created_ms,
         expires_ms: p.expires_ms,
     }
@@ -811,14 +817,26 @@ impl AdminService for AdminApi {
         entry.model = Some(rule.model.chars().take(128).collect());
         entry.tee = Some(rule.tee.chars().take(32).collect());
         entry.measurement = Some(rule.measurement.chars().take(128).collect());
-        entry.reason = Some(
+        let requires = rule
+            .require
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        entry.simulated = (rule.tee == TeeKind::Sim.as_str()).then_some(true);
+        entry.reason = Some(format!(
+            "{}{}",
             if removed {
                 "rule removed"
             } else {
                 "no such rule"
+            },
+            if requires.is_empty() {
+                String::new()
+            } else {
+                format!("; requires {requires}")
             }
-            .into(),
-        );
+        ));
         self.vault
             .record(&rid, entry)
             .await
@@ -846,7 +864,10 @@ impl AdminService for AdminApi {
             }
             Some(Target::Node(n)) if !n.is_empty() && n.len() <= 128 => (RevocationKind::Node, n),
             Some(Target::Measurement(m))
-                if !m.is_empty() && m.len() <= 128 && m.bytes().all(|b| b.is_ascii_hexdigit()) =>
+                if !m.is_empty()
+                    && m.len() <= 128
+                    && m.len().is_multiple_of(2)
+                    && m.bytes().all(|b| b.is_ascii_hexdigit()) =>
             {
                 (RevocationKind::Measurement, m.to_ascii_lowercase())
             }
@@ -856,10 +877,22 @@ impl AdminService for AdminApi {
                     None => (m.as_str(), None),
                 };
                 check_model_name(name).map_err(|e| e.into_status(&rid))?;
-                if version.is_some_and(|v| v.parse::<u64>().map_or(true, |v| v == 0)) {
-                    return Err(bad("model version after @ must be a positive integer"));
-                }
-                (RevocationKind::Model, m)
+                // Canonical form (no sign, no leading zeros): the grant check compares text.
+                let canonical = match version {
+                    None => name.to_string(),
+                    Some(v) if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) => {
+                        match v.parse::<u64>() {
+                            Ok(n) if n > 0 => format!("{name}@{n}"),
+                            _ => {
+                                return Err(bad(
+                                    "model version after @ must be a positive integer",
+                                ));
+                            }
+                        }
+                    }
+                    Some(_) => return Err(bad("model version after @ must be a positive integer")),
+                };
+                (RevocationKind::Model, canonical)
             }
             _ => {
                 return Err(bad(
@@ -875,7 +908,11 @@ impl AdminService for AdminApi {
         };
         // On the record first: a revocation takes effect only once it is logged.
         let mut entry = self.vault.entry(Action::Revoke, Decision::Info, actor);
-        entry.reason = Some(format!("{} {}: {}", kind.as_str(), rev.value, rev.reason));
+        entry.reason = Some(if rev.reason.is_empty() {
+            format!("{} {}", kind.as_str(), rev.value)
+        } else {
+            format!("{} {}: {}", kind.as_str(), rev.value, rev.reason)
+        });
         if kind == RevocationKind::Grant {
             entry.grant_id = Some(rev.value.clone());
         }
@@ -972,7 +1009,10 @@ impl AdminService for AdminApi {
             .await
             .map_err(|e| internal(&rid, "listing proposals", e).into_status(&rid))?;
         Ok(Response::new(ListProposalsResponse {
-            proposals: list.into_iter().map(proposal_pb).collect(),
+            proposals: list
+                .into_iter()
+                .map(|p| proposal_pb(p, self.vault.now()))
+                .collect(),
         }))
     }
 
@@ -987,7 +1027,7 @@ impl AdminService for AdminApi {
             .await?;
         self.decide(&rid, actor, &req.get_ref().id, true)
             .await
-            .map(|p| Response::new(proposal_pb(p)))
+            .map(|p| Response::new(proposal_pb(p, self.vault.now())))
             .map_err(|e| e.into_status(&rid))
     }
 
@@ -1002,7 +1042,7 @@ impl AdminService for AdminApi {
             .await?;
         self.decide(&rid, actor, &req.get_ref().id, false)
             .await
-            .map(|p| Response::new(proposal_pb(p)))
+            .map(|p| Response::new(proposal_pb(p, self.vault.now())))
             .map_err(|e| e.into_status(&rid))
     }
 }

@@ -22,7 +22,7 @@ use crate::proto::v1::{
     AttestRequest, AttestResponse, FetchWeightsRequest, GetChallengeRequest, GetChallengeResponse,
     RequestGrantRequest, RequestGrantResponse, WeightChunk,
 };
-use crate::store::{GrantRecord, SessionRecord, chunk_key};
+use crate::store::{GrantRecord, Revocation, RevocationKind, SessionRecord, chunk_key};
 
 pub struct NodeApi {
     vault: Arc<Vault>,
@@ -324,6 +324,37 @@ impl NodeApi {
             .put_grant(&minted.record)
             .await
             .map_err(|e| internal(rid, "storing grant", e))?;
+        // A revocation that committed between the check above and this grant's insertion did
+        // not mark it: look again now that the grant is stored, and refuse if it is covered.
+        let late = v
+            .store
+            .revocations()
+            .await
+            .map_err(|e| internal(rid, "loading revocations", e))?;
+        if late.len() != revocations.len() {
+            let g = &minted.record;
+            let versioned = format!("{}@{}", g.model, g.version);
+            let covered = late.iter().any(|r| match r.kind {
+                RevocationKind::Node => r.value == g.instance_id,
+                RevocationKind::Measurement => r.value == g.measurement,
+                RevocationKind::Model => r.value == g.model || r.value == versioned,
+                RevocationKind::Grant => r.value == g.grant_id,
+            });
+            if covered {
+                let _ = v
+                    .store
+                    .revoke(&Revocation {
+                        kind: RevocationKind::Grant,
+                        value: g.grant_id.clone(),
+                        created_ms: now,
+                        reason: "revoked while being issued".into(),
+                    })
+                    .await;
+                return Err(ApiError::PermissionDenied(
+                    "access denied: revoked while the grant was being issued".into(),
+                ));
+            }
+        }
         Ok(RequestGrantResponse {
             grant_id: minted.record.grant_id.clone(),
             version: version.version,

@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use async_trait::async_trait;
 
 use super::{
-    AccessRule, ProposalRecord, CheckpointRecord, GrantRecord, KekRecord, MetadataStore, ModelSummary, Revocation,
-    SessionRecord, StoreError, VersionRecord,
+    AccessRule, CheckpointRecord, GrantRecord, KekRecord, MetadataStore, ModelSummary,
+    ProposalRecord, Revocation, SessionRecord, StoreError, VersionRecord,
 };
 use crate::time::UnixMs;
 

@@ -10,8 +10,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 
 use super::{
-    AccessRule, CheckpointRecord, ProposalRecord, GrantRecord, KekRecord, MetadataStore, ModelSummary, Revocation,
-    RevocationKind, SessionRecord, StoreError, VersionRecord,
+    AccessRule, CheckpointRecord, GrantRecord, KekRecord, MetadataStore, ModelSummary,
+    ProposalRecord, Revocation, RevocationKind, SessionRecord, StoreError, VersionRecord,
 };
 use crate::time::UnixMs;
 
