@@ -219,14 +219,20 @@ pub fn with_action<'a>(
     entries.iter().filter(|e| e["action"] == action).collect()
 }
 
-use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair, KeyUsagePurpose, SanType};
+use rcgen::{
+    CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
 
 /// Issues a client certificate from the dev CA; returns (cert PEM, key PEM, DER).
 pub fn issue(dir: &std::path::Path, name: &str, uri: Option<&str>) -> (String, String, Vec<u8>) {
-    let ca_key = KeyPair::from_pem(&std::fs::read_to_string(dir.join(weightvault::config::dev::files::CA_KEY)).unwrap()).unwrap();
+    let ca_key = KeyPair::from_pem(
+        &std::fs::read_to_string(dir.join(weightvault::config::dev::files::CA_KEY)).unwrap(),
+    )
+    .unwrap();
     // The same issuer name and key as the dev CA (config/dev.rs), so the chain verifies.
     let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.distinguished_name.push(DnType::CommonName, "weightvault dev CA");
+    ca.distinguished_name
+        .push(DnType::CommonName, "weightvault dev CA");
     ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
     ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let issuer = Issuer::new(ca, ca_key);
@@ -242,9 +248,11 @@ pub fn issue(dir: &std::path::Path, name: &str, uri: Option<&str>) -> (String, S
     (cert.pem(), key.serialize_pem(), cert.der().to_vec())
 }
 
-
 /// A connection presenting `id` (cert PEM, key PEM) or no certificate.
-pub async fn connect_as(v: &Vault, id: Option<&(String, String, Vec<u8>)>) -> tonic::transport::Channel {
+pub async fn connect_as(
+    v: &Vault,
+    id: Option<&(String, String, Vec<u8>)>,
+) -> tonic::transport::Channel {
     let ep = Endpoint {
         addr: v.addr(),
         ca_pem: std::fs::read(v.dir.join(files::CA_CERT)).unwrap(),
