@@ -34,7 +34,7 @@ pub enum AttestCmd {
         /// node key) for vault evidence, or the value a sample carries.
         #[arg(long, value_name = "HEX", required_unless_present = "nonce")]
         report_data: Option<String>,
-        /// TPM only: check that the quote carries exactly this nonce (hex) instead of vault
+        /// TPM and Azure vTPM: check that the quote carries exactly this nonce (hex) instead of vault
         /// report data, as third-party samples do. The node key is then not bound.
         #[arg(long, value_name = "HEX", conflicts_with = "report_data")]
         nonce: Option<String>,
@@ -135,12 +135,28 @@ pub async fn run(cmd: AttestCmd) -> anyhow::Result<ExitCode> {
                 (Some(rd), _) => verifier
                     .verify(&bundle, &report_data_arg(rd)?, now)
                     .map(|ok| ok.into_claims()),
-                (None, Some(n)) if tee == TeeKind::Tpm => {
+                (None, Some(n)) => {
                     let n = hex::decode(n).map_err(|_| anyhow::anyhow!("--nonce must be hex"))?;
-                    crate::attest::tpm::TpmVerifier::new(attest_cfg.tpm.policy.clone())?
-                        .verify_with_nonce(&bundle, &n, now)
+                    match tee {
+                        TeeKind::Tpm => {
+                            crate::attest::tpm::TpmVerifier::new(attest_cfg.tpm.policy.clone())?
+                                .verify_with_nonce(&bundle, &n, now)
+                        }
+                        TeeKind::AzSnpVtpm | TeeKind::AzTdxVtpm => {
+                            let policy = if tee == TeeKind::AzSnpVtpm {
+                                attest_cfg.az_snp_vtpm.policy.clone()
+                            } else {
+                                attest_cfg.az_tdx_vtpm.policy.clone()
+                            };
+                            crate::attest::azure::AzureVtpmVerifier::new(tee, policy)?
+                                .verify_with_nonce(&bundle, &n, now)
+                        }
+                        _ => anyhow::bail!(
+                            "--nonce is for tpm and Azure vTPM evidence; other TEEs need --report-data"
+                        ),
+                    }
                 }
-                _ => anyhow::bail!("--nonce is for --tee tpm; other TEEs need --report-data"),
+                (None, None) => anyhow::bail!("give --report-data or --nonce"),
             };
             match outcome {
                 Ok(claims) => {
@@ -208,7 +224,7 @@ pub fn bundle(
         TeeKind::Nitro => nitro::bundle_from_inputs(evidence, extra, collateral)?,
         TeeKind::Tpm => tpm::bundle_from_inputs(evidence, extra, collateral)?,
         TeeKind::AzSnpVtpm | TeeKind::AzTdxVtpm => {
-            anyhow::bail!("{tee} evidence is not supported by this version")
+            crate::attest::azure::bundle_from_inputs(evidence, extra, collateral)?
         }
     })
 }

@@ -200,6 +200,10 @@ pub struct AttestConfig {
     pub nitro: TeeConfig<crate::attest::nitro::NitroPolicy>,
     #[serde(default)]
     pub tpm: TeeConfig<crate::attest::tpm::TpmPolicy>,
+    #[serde(default, rename = "az-snp-vtpm")]
+    pub az_snp_vtpm: TeeConfig<crate::attest::azure::AzureVtpmPolicy>,
+    #[serde(default, rename = "az-tdx-vtpm")]
+    pub az_tdx_vtpm: TeeConfig<crate::attest::azure::AzureVtpmPolicy>,
 }
 
 /// One hardware TEE: whether nodes may attest with it, and its verifier policy.
@@ -230,11 +234,14 @@ impl AttestConfig {
             TeeKind::Tdx => Box::new(tdx::TdxVerifier::new(self.tdx.policy.clone())?),
             TeeKind::Nitro => Box::new(nitro::NitroVerifier::new(self.nitro.policy.clone())?),
             TeeKind::Tpm => Box::new(tpm::TpmVerifier::new(self.tpm.policy.clone())?),
-            TeeKind::AzSnpVtpm | TeeKind::AzTdxVtpm => {
-                return Err(AttestError::Malformed(format!(
-                    "{tee} evidence is not supported by this version"
-                )));
-            }
+            TeeKind::AzSnpVtpm => Box::new(crate::attest::azure::AzureVtpmVerifier::new(
+                tee,
+                self.az_snp_vtpm.policy.clone(),
+            )?),
+            TeeKind::AzTdxVtpm => Box::new(crate::attest::azure::AzureVtpmVerifier::new(
+                tee,
+                self.az_tdx_vtpm.policy.clone(),
+            )?),
         })
     }
 
@@ -246,7 +253,8 @@ impl AttestConfig {
             TeeKind::Tdx => self.tdx.enabled,
             TeeKind::Nitro => self.nitro.enabled,
             TeeKind::Tpm => self.tpm.enabled,
-            TeeKind::AzSnpVtpm | TeeKind::AzTdxVtpm => false,
+            TeeKind::AzSnpVtpm => self.az_snp_vtpm.enabled,
+            TeeKind::AzTdxVtpm => self.az_tdx_vtpm.enabled,
         }
     }
 
