@@ -2,60 +2,13 @@
 
 mod common;
 
-use common::{MEASUREMENT, Vault, assert_same_tree, model_dir, with_action};
+use common::{MEASUREMENT, Vault, assert_same_tree, attest, grant, model_dir, raw, with_action};
 use tonic::Code;
 use weightvault::attest::report_data;
 use weightvault::client::node::{Attester, DirSink, FetchOptions};
 use weightvault::grant::hpke::NodeKeyPair;
 use weightvault::proto::v1::node_service_client::NodeServiceClient;
-use weightvault::proto::v1::{
-    AttestRequest, FetchWeightsRequest, GetChallengeRequest, RequestGrantRequest,
-    RequestGrantResponse,
-};
-use weightvault::server::MAX_MESSAGE;
-
-async fn raw(v: &Vault) -> NodeServiceClient<tonic::transport::Channel> {
-    NodeServiceClient::new(v.channel(None).await).max_decoding_message_size(MAX_MESSAGE)
-}
-
-/// GetChallenge + Attest with evidence from `attester`; returns the session token.
-async fn attest(
-    c: &mut NodeServiceClient<tonic::transport::Channel>,
-    attester: &dyn Attester,
-    keys: &NodeKeyPair,
-) -> Result<Vec<u8>, tonic::Status> {
-    let nonce = c
-        .get_challenge(GetChallengeRequest {})
-        .await?
-        .into_inner()
-        .nonce;
-    let rd = report_data(&nonce.clone().try_into().unwrap(), keys.public_key());
-    let evidence = attester.evidence(&rd).unwrap();
-    Ok(c.attest(AttestRequest {
-        tee: "sim".into(),
-        evidence,
-        node_public_key: keys.public_key().to_vec(),
-        nonce,
-    })
-    .await?
-    .into_inner()
-    .session_token)
-}
-
-async fn grant(
-    c: &mut NodeServiceClient<tonic::transport::Channel>,
-    token: &[u8],
-    model: &str,
-    version: u64,
-) -> Result<RequestGrantResponse, tonic::Status> {
-    Ok(c.request_grant(RequestGrantRequest {
-        session_token: token.to_vec(),
-        model: model.into(),
-        version,
-    })
-    .await?
-    .into_inner())
-}
+use weightvault::proto::v1::{AttestRequest, FetchWeightsRequest, GetChallengeRequest};
 
 async fn fetch_all(
     c: &mut NodeServiceClient<tonic::transport::Channel>,

@@ -42,46 +42,13 @@ async fn revoking_a_grant_stops_its_running_stream() {
         .unwrap();
 
     // Attest and get a grant through the library, then stream by hand so the test controls pace.
-    use weightvault::attest::report_data;
-    use weightvault::client::node::Attester;
     use weightvault::grant::hpke::NodeKeyPair;
-    use weightvault::proto::v1::{AttestRequest, GetChallengeRequest, RequestGrantRequest};
-    let mut c =
-        NodeServiceClient::new(v.channel(None).await).max_decoding_message_size(MAX_MESSAGE);
+    let mut c = common::raw(&v).await;
     let keys = NodeKeyPair::generate().unwrap();
-    let nonce = c
-        .get_challenge(GetChallengeRequest {})
+    let token = common::attest(&mut c, &v.attester(MEASUREMENT), &keys)
         .await
-        .unwrap()
-        .into_inner()
-        .nonce;
-    let evidence = v
-        .attester(MEASUREMENT)
-        .evidence(&report_data(
-            &nonce.clone().try_into().unwrap(),
-            keys.public_key(),
-        ))
         .unwrap();
-    let token = c
-        .attest(AttestRequest {
-            tee: "sim".into(),
-            evidence,
-            node_public_key: keys.public_key().to_vec(),
-            nonce,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .session_token;
-    let g = c
-        .request_grant(RequestGrantRequest {
-            session_token: token.clone(),
-            model: "m".into(),
-            version: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let g = common::grant(&mut c, &token, "m", 0).await.unwrap();
     let live = v
         .admin()
         .await
@@ -260,10 +227,7 @@ async fn deny_removes_a_rule() {
 
 #[tokio::test]
 async fn egress_budgets_per_grant_node_and_model() {
-    use weightvault::attest::report_data;
-    use weightvault::client::node::Attester;
     use weightvault::grant::hpke::NodeKeyPair;
-    use weightvault::proto::v1::{AttestRequest, GetChallengeRequest, RequestGrantRequest};
 
     let tmp = tempfile::tempdir().unwrap();
     let clock = weightvault::time::ManualClock::new(weightvault::time::Clock::now_ms(
@@ -289,43 +253,12 @@ async fn egress_budgets_per_grant_node_and_model() {
     let grant_for = |instance: &'static str| {
         let v = &v;
         async move {
-            let mut c = NodeServiceClient::new(v.channel(None).await)
-                .max_decoding_message_size(MAX_MESSAGE);
+            let mut c = common::raw(v).await;
             let keys = NodeKeyPair::generate().unwrap();
-            let nonce = c
-                .get_challenge(GetChallengeRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-                .nonce;
             let mut a = v.attester(MEASUREMENT);
             a.instance = instance.into();
-            let evidence = a
-                .evidence(&report_data(
-                    &nonce.clone().try_into().unwrap(),
-                    keys.public_key(),
-                ))
-                .unwrap();
-            let token = c
-                .attest(AttestRequest {
-                    tee: "sim".into(),
-                    evidence,
-                    node_public_key: keys.public_key().to_vec(),
-                    nonce,
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .session_token;
-            let g = c
-                .request_grant(RequestGrantRequest {
-                    session_token: token.clone(),
-                    model: "m".into(),
-                    version: 0,
-                })
-                .await
-                .unwrap()
-                .into_inner();
+            let token = common::attest(&mut c, &a, &keys).await.unwrap();
+            let g = common::grant(&mut c, &token, "m", 0).await.unwrap();
             (token, g.grant_id)
         }
     };

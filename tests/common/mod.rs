@@ -260,3 +260,58 @@ pub async fn connect_as(
     };
     ep.connect().await.unwrap()
 }
+
+/// A raw NodeService client without a certificate (a node).
+pub async fn raw(
+    v: &Vault,
+) -> weightvault::proto::v1::node_service_client::NodeServiceClient<tonic::transport::Channel> {
+    weightvault::proto::v1::node_service_client::NodeServiceClient::new(v.channel(None).await)
+        .max_decoding_message_size(weightvault::server::MAX_MESSAGE)
+}
+
+/// GetChallenge + Attest with evidence from `attester`; returns the session token.
+pub async fn attest(
+    c: &mut weightvault::proto::v1::node_service_client::NodeServiceClient<
+        tonic::transport::Channel,
+    >,
+    attester: &dyn weightvault::client::node::Attester,
+    keys: &weightvault::grant::hpke::NodeKeyPair,
+) -> Result<Vec<u8>, tonic::Status> {
+    let nonce = c
+        .get_challenge(weightvault::proto::v1::GetChallengeRequest {})
+        .await?
+        .into_inner()
+        .nonce;
+    let rd =
+        weightvault::attest::report_data(&nonce.clone().try_into().unwrap(), keys.public_key());
+    let evidence = attester.evidence(&rd).unwrap();
+    Ok(c.attest(weightvault::proto::v1::AttestRequest {
+        tee: "sim".into(),
+        evidence,
+        node_public_key: keys.public_key().to_vec(),
+        nonce,
+    })
+    .await?
+    .into_inner()
+    .session_token)
+}
+
+/// RequestGrant for `model`@`version` (0 = latest).
+pub async fn grant(
+    c: &mut weightvault::proto::v1::node_service_client::NodeServiceClient<
+        tonic::transport::Channel,
+    >,
+    token: &[u8],
+    model: &str,
+    version: u64,
+) -> Result<weightvault::proto::v1::RequestGrantResponse, tonic::Status> {
+    Ok(
+        c.request_grant(weightvault::proto::v1::RequestGrantRequest {
+            session_token: token.to_vec(),
+            model: model.into(),
+            version,
+        })
+        .await?
+        .into_inner(),
+    )
+}
