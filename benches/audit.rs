@@ -520,7 +520,7 @@ async fn appends(
             best = Some((rate, c));
         }
         println!(
-            "{:<22}{:>5}{:>9}{:>11.0}{:>17}{:>8.2}{:>8.2}{:>8.2}{:>8.2}{:>8.1}{:>9.1}x",
+            "{:<22}{:>5}{:>9}{:>11.0}{:>17}{:>8.2}{:>8.2}{:>8.2}{:>8.2}{:>8.1}{:>10}",
             samples.first().map_or("", |s| s.label.as_str()),
             c,
             samples.iter().map(|s| s.entries).sum::<u64>(),
@@ -540,7 +540,11 @@ async fn appends(
                     .map(|s| s.cpu_secs * 1e6 / s.entries as f64)
                     .collect()
             ),
-            rate / direct
+            if direct.is_nan() {
+                "-".to_owned()
+            } else {
+                format!("{:.1}x", rate / direct)
+            }
         );
     }
     if let Some((rate, c)) = best {

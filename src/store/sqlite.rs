@@ -200,12 +200,16 @@ impl MetadataStore for SqliteStore {
         let size: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(idx) + 1, 0) FROM audit_log")
             .fetch_one(&mut *tx)
             .await?;
-        for (n, e) in entries.iter().enumerate() {
-            sqlx::query("INSERT INTO audit_log (idx, entry) VALUES (?, ?)")
-                .bind(size + i(n as u64))
-                .bind(e.as_slice())
-                .execute(&mut *tx)
-                .await?;
+        // One multi-row INSERT per 500 entries: a statement is a round trip to sqlx's worker
+        // thread, which dominated group commits of one INSERT per entry (docs/performance.md).
+        for (c, chunk) in entries.chunks(500).enumerate() {
+            let mut q =
+                sqlx::QueryBuilder::<sqlx::Sqlite>::new("INSERT INTO audit_log (idx, entry) ");
+            q.push_values(chunk.iter().enumerate(), |mut row, (n, e)| {
+                row.push_bind(size + i((c * 500 + n) as u64))
+                    .push_bind(e.clone());
+            });
+            q.build().execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(u(size))
