@@ -324,7 +324,7 @@ impl Verifier for AzureVtpmVerifier {
         expected_report_data: &[u8; 64],
         now_ms: UnixMs,
     ) -> Result<AttestationVerified, AttestError> {
-        // DESIGN.md "Node boot protocol" step 2: the quote's extraData is the report data's first
+        // docs/protocol.md (binding): the quote's extraData is the report data's first
         // 32 bytes (or all 64), compared in constant time by the TPM verifier.
         let claims = self.check(evidence, Binding::ReportData(expected_report_data), now_ms)?;
         Ok(AttestationVerified::new(claims, evidence))

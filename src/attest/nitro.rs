@@ -167,7 +167,7 @@ impl Verifier for NitroVerifier {
         if (0..3).any(|i| doc.pcrs.get(&i).is_none_or(|p| p.iter().all(|b| *b == 0))) {
             return Err(AttestError::DebugMode);
         }
-        // Binding (DESIGN.md boot step 2): the enclave put the vault's nonce and its node key in
+        // Binding (docs/protocol.md, Attest): the enclave put the vault's nonce and its node key in
         // the signed `nonce` and `public_key` fields.
         let (Some(nonce), Some(public_key)) = (&doc.nonce, &doc.public_key) else {
             return Err(AttestError::BindingMismatch);

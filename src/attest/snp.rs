@@ -213,7 +213,7 @@ impl Verifier for SnpVerifier {
             _ => {}
         }
 
-        // DESIGN.md "Node boot protocol" step 2: REPORT_DATA carries
+        // docs/protocol.md (binding): REPORT_DATA carries
         // SHA-512(domain || nonce || node key); compared in constant time.
         if !bool::from(report.report_data.ct_eq(expected_report_data)) {
             return Err(AttestError::BindingMismatch);

@@ -282,7 +282,7 @@ impl Verifier for TdxVerifier {
             .report
             .as_td10()
             .ok_or_else(|| AttestError::Malformed("quote body is not a TD report".into()))?;
-        // DESIGN.md boot protocol step 2: REPORTDATA (64 bytes) = SHA-512(domain ‖ nonce ‖ key).
+        // docs/protocol.md (binding): REPORTDATA (64 bytes) = SHA-512(domain ‖ nonce ‖ key).
         if !bool::from(td.report_data[..].ct_eq(&expected_report_data[..])) {
             return Err(AttestError::BindingMismatch);
         }

@@ -192,7 +192,7 @@ impl TpmVerifier {
         wire::verify_signature(&b.ak_spki, kind, &sig, &b.message)?;
 
         // TPM 2.0 Part 2 §10.12 TPMS_ATTEST.extraData: the qualifying data the caller passed to
-        // TPM2_Quote. DESIGN.md step 2: the first 32 bytes of the report data.
+        // TPM2_Quote. docs/protocol.md (binding): the first 32 bytes of the report data.
         let expected: &[u8] = match binding {
             Binding::ReportData(rd) => match quote.extra_data.len() {
                 32 => &rd[..32],
