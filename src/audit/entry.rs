@@ -33,6 +33,23 @@ pub enum Action {
     Approve,
     Reject,
     KeyCreate,
+    /// The shamir seal was initialized: a root key generated and split into shares.
+    SealInit,
+    /// An unseal attempt or its outcome (shares submitted while sealed are recorded once the log
+    /// is writable again, that is right after the unseal).
+    Unseal,
+    /// A new root key was staged or put in force (the key ring re-wrapped under it).
+    Rekey,
+    /// The root key moved to another seal (file to shamir or pkcs11).
+    SealMigrate,
+    /// A KEK rotation started: a new KEK version is active (docs/keys.md).
+    KeyRotate,
+    /// One model version's DEK was re-wrapped under the active KEK (rotation).
+    KeyRewrap,
+    /// A KEK version that no longer wraps any DEK was destroyed (end of a rotation).
+    KeyRetire,
+    /// A model version was destroyed (crypto-shredding): its wrapped DEK first, then its blobs.
+    ModelRm,
     /// Written when the log has been quiet for a while, so a quiet period is told from a gap.
     Heartbeat,
     /// The vault stopped serving (graceful shutdown).

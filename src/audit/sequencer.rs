@@ -3,6 +3,14 @@
 //! checkpoints (periodically, on request and at close) and writes heartbeat entries when the log
 //! is quiet. If a write fails the sequencer fails closed: that batch and every later append get
 //! an error, so nothing that needs a log entry can be released (docs/audit-log.md, durability).
+//!
+//! When several replicas share one store ([`SequencerOptions::lease`] set), each replica runs
+//! its own sequencer over the same log. The store gives every batch the next indexes under its
+//! own lock (one total order, no gaps, no duplicates); a sequencer whose batch landed after
+//! other replicas' entries first reads those entries back and adds them to its tree, so every
+//! replica's tree is a prefix of the one tree of the log. Heartbeats and periodic checkpoints
+//! come from the replica holding the store's lease; when it dies the lease expires and another
+//! replica takes the duties over (docs/architecture.md, Scale-out).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
@@ -63,6 +71,10 @@ pub struct SequencerOptions {
     pub checkpoint_interval: Duration,
     /// A heartbeat entry is written after this long without entries.
     pub heartbeat_interval: Duration,
+    /// Set when other replicas append to the same store: the lease's time to live. `None`
+    /// means this sequencer is the only writer (the embedded store, one vault per data
+    /// directory), and any entry it did not write is a fault.
+    pub lease: Option<Duration>,
 }
 
 impl Default for SequencerOptions {
@@ -70,8 +82,16 @@ impl Default for SequencerOptions {
         Self {
             checkpoint_interval: Duration::from_secs(1),
             heartbeat_interval: Duration::from_secs(60),
+            lease: None,
         }
     }
+}
+
+/// This replica's claim on the store's sequencer lease.
+struct Lease {
+    holder: String,
+    ttl: Duration,
+    held: Arc<AtomicBool>,
 }
 
 struct Pending {
@@ -115,6 +135,7 @@ pub struct Sequencer {
     size: watch::Receiver<u64>,
     latest: Arc<RwLock<Option<CheckpointRecord>>>,
     verifier_key: String,
+    lease_held: Arc<AtomicBool>,
 }
 
 struct Task {
@@ -128,6 +149,7 @@ struct Task {
     latest: Arc<RwLock<Option<CheckpointRecord>>>,
     failed: Arc<AtomicBool>,
     last_append: tokio::time::Instant,
+    lease: Option<Lease>,
 }
 
 impl Sequencer {
@@ -202,7 +224,23 @@ impl Sequencer {
         let shared_leaves = Arc::new(Leaves(RwLock::new(leaves)));
         let latest = Arc::new(RwLock::new(latest));
         let verifier_key = signer.verifier_key();
-        let task = Task {
+        // A sole writer holds the duties from the start; replicas contend for the lease.
+        let lease_held = Arc::new(AtomicBool::new(opts.lease.is_none()));
+        let lease = match opts.lease {
+            Some(ttl) => {
+                let holder = hex::encode(
+                    crate::grant::random::<16>()
+                        .map_err(|e| AuditError::Unavailable(format!("lease holder id: {e}")))?,
+                );
+                Some(Lease {
+                    holder,
+                    ttl,
+                    held: lease_held.clone(),
+                })
+            }
+            None => None,
+        };
+        let mut task = Task {
             store,
             signer,
             origin,
@@ -213,7 +251,10 @@ impl Sequencer {
             latest: latest.clone(),
             failed: failed.clone(),
             last_append: tokio::time::Instant::now(),
+            lease,
         };
+        // The first replica to start holds the lease from the beginning.
+        task.renew_lease().await;
         let handle = tokio::spawn(task.run(rx, opts));
         Ok((
             Self {
@@ -223,6 +264,7 @@ impl Sequencer {
                 size: size_rx,
                 latest,
                 verifier_key,
+                lease_held,
             },
             handle,
         ))
@@ -288,6 +330,12 @@ impl Sequencer {
     pub fn size(&self) -> watch::Receiver<u64> {
         self.size.clone()
     }
+
+    /// Whether this sequencer holds the store's lease (always true for a sole writer once
+    /// started; with replicas, true on the one that writes heartbeats and periodic checkpoints).
+    pub fn holds_lease(&self) -> bool {
+        self.lease_held.load(Ordering::SeqCst)
+    }
 }
 
 impl Task {
@@ -316,6 +364,10 @@ impl Task {
                     if !appends.is_empty() {
                         self.write(appends).await;
                     }
+                    if !waiters.is_empty() && self.lease.is_some() && !self.failed.load(Ordering::SeqCst) {
+                        // "Every entry durable at the time of the call" includes other replicas'.
+                        self.catch_up_or_fail(None).await;
+                    }
                     for w in waiters {
                         let _ = w.send(self.sign_if_new().await);
                     }
@@ -326,6 +378,13 @@ impl Task {
                     }
                 }
                 _ = tick.tick() => {
+                    if self.lease.is_some() && !self.failed.load(Ordering::SeqCst) {
+                        // Entries other replicas wrote: proofs, tails and quiet-time count them.
+                        self.catch_up_or_fail(None).await;
+                        if !self.renew_lease().await {
+                            continue;
+                        }
+                    }
                     if self.last_append.elapsed() >= opts.heartbeat_interval && !self.failed.load(Ordering::SeqCst) {
                         let mut e = AuditEntry::new(self.clock.now_ms(), Action::Heartbeat, Decision::Info, Actor::system());
                         e.reason = Some(format!("log size {}", self.acc.size()));
@@ -354,7 +413,18 @@ impl Task {
             .iter_mut()
             .map(|p| std::mem::take(&mut p.bytes))
             .collect();
-        match self.store.append_audit(&bytes).await {
+        let mut appended = self.store.append_audit(&bytes).await;
+        if let Ok(first) = appended
+            && first > self.acc.size()
+            && self.lease.is_some()
+        {
+            // Other replicas appended since this tree was last extended: their entries come
+            // first in the tree, exactly as they do in the log.
+            if let Err(e) = self.catch_up(Some(first)).await {
+                appended = Err(e);
+            }
+        }
+        match appended {
             Ok(first) if first == self.acc.size() => {
                 let hashes: Vec<Hash> = bytes.iter().map(|b| merkle::leaf_hash(b)).collect();
                 for h in &hashes {
@@ -431,9 +501,192 @@ impl Task {
     }
 
     async fn close_out(&mut self) {
+        if self.lease.is_some() && !self.failed.load(Ordering::SeqCst) {
+            self.catch_up_or_fail(None).await;
+        }
         if let Err(e) = self.sign_if_new().await {
             tracing::error!(error = %e, "final checkpoint not written");
         }
         self.failed.store(true, Ordering::SeqCst);
+        if let Some(lease) = &self.lease
+            && lease.held.swap(false, Ordering::SeqCst)
+        {
+            // Released at once, so another replica need not wait for it to expire.
+            if let Err(e) = self.store.audit_lease(&lease.holder, 0).await {
+                tracing::warn!(error = %e, "releasing the sequencer lease failed; it will expire");
+            }
+        }
+    }
+
+    /// Takes or renews the lease; returns whether this replica holds it. A sole writer always
+    /// does. A store error counts as not holding it: the duties wait for the next tick.
+    async fn renew_lease(&mut self) -> bool {
+        let Some(lease) = &self.lease else {
+            return true;
+        };
+        let ttl_ms = u64::try_from(lease.ttl.as_millis()).unwrap_or(u64::MAX);
+        let held = match self.store.audit_lease(&lease.holder, ttl_ms).await {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(error = %e, "renewing the sequencer lease failed");
+                false
+            }
+        };
+        if lease.held.swap(held, Ordering::SeqCst) != held {
+            tracing::info!(holder = %lease.holder, held, "sequencer lease changed hands");
+        }
+        held
+    }
+
+    /// Extends the tree with entries other replicas appended, up to `to` (which must be
+    /// reached) or to the end of the stored log.
+    async fn catch_up(&mut self, to: Option<u64>) -> Result<(), crate::store::StoreError> {
+        let before = self.acc.size();
+        loop {
+            let end = to.unwrap_or(u64::MAX);
+            if self.acc.size() >= end {
+                break;
+            }
+            let page = self
+                .store
+                .audit_entries(self.acc.size(), end, LOAD_PAGE)
+                .await?;
+            if page.is_empty() {
+                if to.is_some() {
+                    return Err(crate::store::StoreError::Corrupt(format!(
+                        "audit entry {} is missing",
+                        self.acc.size()
+                    )));
+                }
+                break;
+            }
+            let mut hashes = Vec::with_capacity(page.len());
+            for (index, entry) in page {
+                if index != self.acc.size() {
+                    return Err(crate::store::StoreError::Corrupt(format!(
+                        "audit entry {} is missing",
+                        self.acc.size()
+                    )));
+                }
+                let h = merkle::leaf_hash(&entry);
+                self.acc.push(h);
+                hashes.push(h);
+            }
+            self.leaves
+                .0
+                .write()
+                .expect("leaves lock")
+                .extend_from_slice(&hashes);
+        }
+        if self.acc.size() > before {
+            let _ = self.size_tx.send(self.acc.size());
+            self.last_append = tokio::time::Instant::now();
+        }
+        Ok(())
+    }
+
+    /// [`Task::catch_up`] to the end of the log. A gap in the stored log fails the log closed;
+    /// a read error leaves the tree as it is (still a prefix of the log) for the next attempt.
+    async fn catch_up_or_fail(&mut self, to: Option<u64>) {
+        match self.catch_up(to).await {
+            Ok(()) => {}
+            Err(e @ crate::store::StoreError::Corrupt(_)) => {
+                self.failed.store(true, Ordering::SeqCst);
+                tracing::error!(error = %e, "the stored audit log has a gap; refusing all access until restart");
+            }
+            Err(e) => tracing::warn!(error = %e, "reading other replicas' audit entries failed"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sqlite::SqliteStore;
+    use crate::time::ManualClock;
+    use aws_lc_rs::signature::Ed25519KeyPair;
+
+    fn signer(pkcs8: &[u8]) -> NoteSigner {
+        NoteSigner::new("test/log", Ed25519KeyPair::from_pkcs8(pkcs8).unwrap()).unwrap()
+    }
+
+    fn entry(n: u64) -> AuditEntry {
+        let mut e = AuditEntry::new(n, Action::Challenge, Decision::Info, Actor::system());
+        e.reason = Some(format!("entry {n}"));
+        e
+    }
+
+    /// Two sequencers on one store, as two replicas: appends interleave in one order, each
+    /// tree takes in the other's entries, and their checkpoints agree with the stored log.
+    #[tokio::test]
+    async fn replicas_extend_one_tree() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn MetadataStore> =
+            Arc::new(SqliteStore::open(&dir.path().join("m.db")).await.unwrap());
+        let key = Ed25519KeyPair::generate_pkcs8(&aws_lc_rs::rand::SystemRandom::new()).unwrap();
+        let clock: SharedClock = Arc::new(ManualClock::new(1));
+        let opts = SequencerOptions {
+            lease: Some(Duration::from_secs(5)),
+            ..SequencerOptions::default()
+        };
+        let start = || {
+            Sequencer::start(
+                store.clone(),
+                signer(key.as_ref()),
+                "test/log".into(),
+                clock.clone(),
+                opts.clone(),
+            )
+        };
+        let (a, ta) = start().await.unwrap();
+        let (b, tb) = start().await.unwrap();
+        let mut indexes = Vec::new();
+        for n in 0..6 {
+            let (s, other) = if n % 2 == 0 { (&a, &b) } else { (&b, &a) };
+            indexes.push(s.append(&entry(n)).await.unwrap().index());
+            indexes.push(s.append(&entry(100 + n)).await.unwrap().index());
+            // The other replica has not seen these yet; its next append catches up.
+            assert!(other.leaves().len() <= s.leaves().len());
+        }
+        assert_eq!(indexes, (0..12).collect::<Vec<u64>>());
+        let ca = a.checkpoint().await.unwrap();
+        let cb = b.checkpoint().await.unwrap();
+        assert_eq!((ca.size, cb.size), (12, 12));
+        assert_eq!(ca.root, cb.root);
+        let stored = store.audit_entries(0, u64::MAX, 100).await.unwrap();
+        let leaves: Vec<Hash> = stored.iter().map(|(_, e)| merkle::leaf_hash(e)).collect();
+        assert_eq!(merkle::root(&leaves), ca.root);
+        assert_eq!(a.leaves().prefix(12).unwrap(), leaves);
+        assert!(!a.is_failed() && !b.is_failed());
+        a.close().await;
+        b.close().await;
+        ta.await.unwrap();
+        tb.await.unwrap();
+    }
+
+    /// Without a lease (the embedded store) an entry this sequencer did not write is a fault:
+    /// it fails closed instead of adopting it.
+    #[tokio::test]
+    async fn a_sole_writer_fails_closed_on_a_foreign_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn MetadataStore> =
+            Arc::new(SqliteStore::open(&dir.path().join("m.db")).await.unwrap());
+        let key = Ed25519KeyPair::generate_pkcs8(&aws_lc_rs::rand::SystemRandom::new()).unwrap();
+        let (s, task) = Sequencer::start(
+            store.clone(),
+            signer(key.as_ref()),
+            "test/log".into(),
+            Arc::new(ManualClock::new(1)),
+            SequencerOptions::default(),
+        )
+        .await
+        .unwrap();
+        assert!(s.holds_lease());
+        s.append(&entry(1)).await.unwrap();
+        store.append_audit(&[b"foreign".to_vec()]).await.unwrap();
+        assert!(s.append(&entry(2)).await.is_err());
+        assert!(s.is_failed());
+        s.close().await;
+        task.await.unwrap();
     }
 }

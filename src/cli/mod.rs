@@ -5,9 +5,12 @@ pub mod access;
 pub mod approvals;
 pub mod attest;
 pub mod audit;
+pub mod config;
 pub mod grants;
+pub mod keys;
 pub mod model;
 pub mod node;
+pub mod operator;
 pub mod serve;
 
 use std::path::PathBuf;
@@ -27,15 +30,27 @@ Start a development vault with `weightvault serve --dev`; it prints the WEIGHTVA
 Docs: README.md (quickstart), docs/protocol.md, docs/format.md, docs/audit-log.md."
 )]
 pub struct Cli {
+    /// Log format on stderr: human-readable text, or one JSON object per line (for log
+    /// shippers). Lines about a request carry its request_id, the same id as its audit entry.
+    #[arg(long, global = true, value_enum, env = "WEIGHTVAULT_LOG_FORMAT", default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Subcommand)]
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Run the vault server.
     Serve(serve::ServeArgs),
-    /// Push, list and show model versions (admin).
+    /// Push, list, show and destroy model versions (admin).
     #[command(subcommand)]
     Model(model::ModelCmd),
     /// Decide which attested nodes may read which model (admin).
@@ -47,6 +62,9 @@ pub enum Command {
     /// List grants with expiry and bytes served (admin).
     #[command(subcommand)]
     Grants(grants::GrantsCmd),
+    /// Rotate the key-encryption key and follow the re-wrapping (admin).
+    #[command(subcommand)]
+    Keys(keys::KeysCmd),
     /// Inference-node commands: attest and fetch weights.
     #[command(subcommand)]
     Node(node::NodeCmd),
@@ -56,6 +74,12 @@ pub enum Command {
     /// Verify or produce attestation evidence offline.
     #[command(subcommand)]
     Attest(attest::AttestCmd),
+    /// The root key's seal: status, init, unseal, rekey (docs/key-ceremony.md).
+    #[command(subcommand)]
+    Operator(operator::OperatorCmd),
+    /// Check a server configuration file before deploying it.
+    #[command(subcommand)]
+    Config(config::ConfigCmd),
 }
 
 /// How to reach the vault.
@@ -99,21 +123,29 @@ impl ConnArgs {
     }
 }
 
-fn init_logging(default: &str) {
+fn init_logging(default: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WEIGHTVAULT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+    };
 }
 
 /// Parses the command line and runs the command; errors print as one line on stderr.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let is_serve = matches!(cli.command, Command::Serve(_));
-    init_logging(if is_serve { "info" } else { "warn" });
+    init_logging(if is_serve { "info" } else { "warn" }, cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -131,9 +163,12 @@ pub fn main() -> ExitCode {
             Command::Access(c) => access::run(c).await,
             Command::Node(c) => node::run(c).await,
             Command::Grants(c) => grants::run(c).await,
+            Command::Keys(c) => keys::run(c).await,
             Command::Approvals(c) => approvals::run(c).await,
             Command::Audit(c) => audit::run(c).await,
             Command::Attest(c) => attest::run(c).await,
+            Command::Operator(c) => operator::run(c).await,
+            Command::Config(c) => config::run(c).await,
         }
     });
     match result {

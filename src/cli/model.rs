@@ -1,4 +1,4 @@
-//! `weightvault model push|list|show` (admin).
+//! `weightvault model push|list|show|rm` (admin).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,6 +22,24 @@ pub enum ModelCmd {
     },
     /// List models with their latest version.
     List {
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Destroy one model version for good (crypto-shredding).
+    ///
+    /// The version's wrapped DEK is deleted first: from that instant the version cannot be
+    /// granted or read, its grants are revoked and running fetches stop within one chunk. Then
+    /// its ciphertext blobs are deleted (after a crash, at the next start). The destruction is
+    /// in the audit log. The version number is never reused. There is no undo.
+    Rm {
+        /// NAME@VERSION (the version is required).
+        model: String,
+        /// Why, recorded in the audit log and the revocation.
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Confirm the irreversible destruction.
+        #[arg(long)]
+        yes: bool,
         #[command(flatten)]
         conn: ConnArgs,
     },
@@ -62,6 +80,36 @@ pub async fn run(cmd: ModelCmd) -> anyhow::Result<ExitCode> {
                 "pushed {}@{}: {} files, {} bytes",
                 r.model, r.version, r.files, r.total_bytes
             );
+        }
+        ModelCmd::Rm {
+            model,
+            reason,
+            yes,
+            conn,
+        } => {
+            let (name, version) = crate::client::node::parse_model_ref(&model)?;
+            if version == 0 {
+                anyhow::bail!("give the version to destroy: {name}@VERSION");
+            }
+            if !yes {
+                anyhow::bail!(
+                    "destroying {name}@{version} cannot be undone; run again with --yes to confirm"
+                );
+            }
+            let mut client = AdminClient::new(conn.endpoint(true)?.connect().await?);
+            let r = client.remove_version(&name, version, &reason).await?;
+            if r.proposal_id.is_empty() {
+                println!(
+                    "destroyed {name}@{version} (version id {}): key deleted, {} grants revoked",
+                    r.version_id, r.grants_revoked
+                );
+            } else {
+                println!(
+                    "proposed destroying {name}@{version}: proposal {} needs more approvals \
+                     (weightvault approvals approve {})",
+                    r.proposal_id, r.proposal_id
+                );
+            }
         }
         ModelCmd::List { conn } => {
             let mut client = AdminClient::new(conn.endpoint(true)?.connect().await?);

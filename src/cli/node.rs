@@ -8,7 +8,10 @@ use anyhow::Context;
 use clap::Subcommand;
 
 use super::ConnArgs;
-use crate::client::node::{DirSink, FetchOptions, NodeClient, SimAttester, parse_model_ref};
+use crate::client::collect::{self as collectors, CollectOptions};
+use crate::client::node::{
+    Attester, DirSink, FetchOptions, NodeClient, SimAttester, parse_model_ref,
+};
 use crate::config::dev::{self, files};
 
 #[derive(Subcommand)]
@@ -24,7 +27,8 @@ pub enum NodeCmd {
         /// Directory to write the files into.
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
-        /// TEE to attest with: sim (hardware evidence collection is not in this version).
+        /// TEE to attest with: sim, snp, tdx, nitro, tpm, az-snp-vtpm or az-tdx-vtpm (hardware
+        /// evidence is collected from the devices below; see docs/attestation.md).
         #[arg(long)]
         tee: String,
         /// Measurement the sim TEE reports (hex).
@@ -39,15 +43,21 @@ pub enum NodeCmd {
         /// Instance id the sim TEE reports.
         #[arg(long, default_value = "sim-node")]
         instance_id: String,
-        /// Also check every file's SHA-256 against the signed manifest.
+        /// Also check every file's SHA-256 against the signed manifest (a SHA-256 pass over
+        /// the plaintext; off by default).
         #[arg(long)]
         verify_digest: bool,
+        /// Streams at once: files, and chunk ranges of large files, fetched in parallel.
+        #[arg(long, value_name = "N", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+        parallel: u16,
         /// Require the vault's manifest signing key (Ed25519 public key, hex) instead of
         /// accepting the one the vault sends.
         #[arg(long, value_name = "HEX")]
         manifest_key: Option<String>,
         #[command(flatten)]
         conn: ConnArgs,
+        #[command(flatten)]
+        collect: CollectArgs,
     },
 }
 
@@ -62,8 +72,10 @@ pub async fn run(cmd: NodeCmd) -> anyhow::Result<ExitCode> {
             data_dir,
             instance_id,
             verify_digest,
+            parallel,
             manifest_key,
             conn,
+            collect,
         } => {
             let manifest_key = manifest_key
                 .map(|k| {
@@ -74,7 +86,7 @@ pub async fn run(cmd: NodeCmd) -> anyhow::Result<ExitCode> {
                 })
                 .transpose()?;
             let (name, version) = parse_model_ref(&model)?;
-            let attester = match tee.as_str() {
+            let attester: Box<dyn Attester> = match tee.as_str() {
                 "sim" => {
                     let key_path = sim_key.unwrap_or_else(|| {
                         data_dir
@@ -86,15 +98,13 @@ pub async fn run(cmd: NodeCmd) -> anyhow::Result<ExitCode> {
                             format!("reading the sim TEE key {}", key_path.display())
                         })?);
                     let m = sim_measurement.expect("clap requires it for sim");
-                    SimAttester::new(&pkcs8, &m, &instance_id)?
+                    Box::new(SimAttester::new(&pkcs8, &m, &instance_id)?)
                 }
                 other => match other.parse::<crate::attest::TeeKind>() {
-                    Ok(t) => anyhow::bail!(
-                        "collecting {t} evidence on the node (configfs-tsm, /dev/nsm, /dev/tpmrm0) is \
-                         not implemented in this version; the vault verifies {t} evidence, and the \
-                         library's `client::node::Attester` trait takes any evidence source"
+                    Ok(t) => collect.attester(t)?,
+                    Err(_) => anyhow::bail!(
+                        "unknown --tee {other:?} (sim, snp, tdx, nitro, tpm, az-snp-vtpm, az-tdx-vtpm)"
                     ),
-                    Err(_) => anyhow::bail!("unknown --tee {other:?}"),
                 },
             };
             let mut client = NodeClient::new(conn.endpoint(false)?.connect().await?);
@@ -117,13 +127,21 @@ pub async fn run(cmd: NodeCmd) -> anyhow::Result<ExitCode> {
                 version,
                 verify_digest,
                 manifest_key,
+                parallel: usize::from(parallel),
+                ..FetchOptions::default()
             };
             let b = bar.clone();
             let r = client
-                .fetch(&name, &opts, &attester, &mut sink, &mut |total, done| {
-                    b.set_length(total);
-                    b.set_position(done);
-                })
+                .fetch(
+                    &name,
+                    &opts,
+                    attester.as_ref(),
+                    &mut sink,
+                    &mut |total, done| {
+                        b.set_length(total);
+                        b.set_position(done);
+                    },
+                )
                 .await;
             bar.finish_and_clear();
             let r = r?;
@@ -139,4 +157,74 @@ pub async fn run(cmd: NodeCmd) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where hardware evidence comes from (`node fetch --tee snp|tdx|nitro|tpm|az-*`). Defaults are
+/// the real devices; tests point them at fakes.
+#[derive(clap::Args, Clone, Debug)]
+pub struct CollectArgs {
+    /// configfs-tsm report directory (snp, tdx).
+    #[arg(long, value_name = "DIR", default_value = collectors::DEFAULT_TSM_REPORT_DIR)]
+    tsm_dir: PathBuf,
+    /// SEV-SNP VMPL to request the report for, 0-3 (the vault accepts 0) [default: the
+    /// kernel's].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(0..=3))]
+    privlevel: Option<u8>,
+    /// Nitro Secure Module device (nitro).
+    #[arg(long, value_name = "PATH", default_value = collectors::DEFAULT_NSM_DEVICE)]
+    nsm_device: PathBuf,
+    /// TPM device (tpm, az-snp-vtpm, az-tdx-vtpm).
+    #[arg(long, value_name = "PATH", default_value = collectors::DEFAULT_TPM_DEVICE)]
+    tpm_device: PathBuf,
+    /// Persistent handle of the attestation key, hex (required for tpm) [default for az-*:
+    /// 0x81000003, the Azure paravisor's AK].
+    #[arg(long, value_name = "HEX", value_parser = parse_handle)]
+    ak_handle: Option<u32>,
+    /// AK certificate, then its intermediates (DER or PEM; repeatable) (tpm).
+    #[arg(long = "ak-cert", value_name = "FILE")]
+    ak_certs: Vec<PathBuf>,
+    /// SHA-256 PCRs to quote, comma-separated (tpm, az-*).
+    #[arg(
+        long,
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "0,1,2,3,4,5,6,7"
+    )]
+    pcrs: Vec<u8>,
+    /// VCEK/VLEK and optionally ASK/ARK (DER or PEM; repeatable): snp when the host supplies no
+    /// certificates, and az-snp-vtpm.
+    #[arg(long, value_name = "FILE")]
+    certs: Vec<PathBuf>,
+    /// DCAP collateral of this platform, dcap-qvl JSON (tdx, az-tdx-vtpm).
+    #[arg(long, value_name = "FILE")]
+    collateral: Option<PathBuf>,
+    /// TD quote of the HCL report from Azure's quoting service (az-tdx-vtpm).
+    #[arg(long, value_name = "FILE")]
+    td_quote: Option<PathBuf>,
+}
+
+fn parse_handle(s: &str) -> Result<u32, String> {
+    let digits = s
+        .strip_prefix("0x")
+        .or_else(|| s.strip_prefix("0X"))
+        .unwrap_or(s);
+    u32::from_str_radix(digits, 16).map_err(|_| format!("{s:?} is not a hex TPM handle"))
+}
+
+impl CollectArgs {
+    fn attester(&self, tee: crate::attest::TeeKind) -> anyhow::Result<Box<dyn Attester>> {
+        let opts = CollectOptions {
+            tsm_dir: self.tsm_dir.clone(),
+            privlevel: self.privlevel,
+            nsm_device: self.nsm_device.clone(),
+            tpm_device: self.tpm_device.clone(),
+            ak_handle: self.ak_handle,
+            ak_certs: self.ak_certs.clone(),
+            pcrs: self.pcrs.clone(),
+            certs: self.certs.clone(),
+            collateral: self.collateral.clone(),
+            td_quote: self.td_quote.clone(),
+        };
+        Ok(collectors::attester(tee, &opts)?)
+    }
 }

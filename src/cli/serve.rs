@@ -49,6 +49,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::from(2));
     };
     let cfg = Config::load(&config_path)?;
+    // The file seal is for development: refused without --dev unless the config allows it.
+    crate::keys::seal::check_file_seal_allowed(&cfg.seal, args.dev)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", config_path.display()))?;
     let running = server::start(
         &cfg,
         StartOptions {

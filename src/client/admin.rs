@@ -1,4 +1,5 @@
-//! Admin calls: push a model version, list and show models, allow access.
+//! Admin calls: push a model version, list, show and destroy models, access policy, KEK
+//! rotation.
 
 use std::path::PathBuf;
 
@@ -266,6 +267,42 @@ impl AdminClient {
                 measurement: measurement.to_string(),
                 require,
             })
+            .await?
+            .into_inner())
+    }
+    /// Destroys one model version (crypto-shredding): its wrapped DEK, then its blobs.
+    pub async fn remove_version(
+        &mut self,
+        model: &str,
+        version: u64,
+        reason: &str,
+    ) -> Result<crate::proto::v1::RemoveVersionResponse, ClientError> {
+        Ok(self
+            .inner
+            .remove_version(crate::proto::v1::RemoveVersionRequest {
+                model: model.to_string(),
+                version,
+                reason: reason.to_string(),
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// Starts a KEK rotation; the DEKs are re-wrapped in the background.
+    pub async fn rotate_keys(
+        &mut self,
+    ) -> Result<crate::proto::v1::RotateKeysResponse, ClientError> {
+        Ok(self
+            .inner
+            .rotate_keys(crate::proto::v1::RotateKeysRequest {})
+            .await?
+            .into_inner())
+    }
+
+    pub async fn key_status(&mut self) -> Result<crate::proto::v1::KeyStatus, ClientError> {
+        Ok(self
+            .inner
+            .get_key_status(crate::proto::v1::GetKeyStatusRequest {})
             .await?
             .into_inner())
     }

@@ -3,7 +3,9 @@
 
 pub mod admin;
 pub mod audit;
+pub mod collect;
 pub mod node;
+pub mod operator;
 
 use std::path::{Path, PathBuf};
 

@@ -1,16 +1,24 @@
-//! The node side of the boot protocol: challenge, evidence, attest, grant, fetch, decrypt.
-//! Plaintext goes to a [`WeightSink`] the caller provides; [`DirSink`] writes files into a
-//! directory only when every file of the version decrypted and verified.
+//! The node side of the boot protocol: challenge, evidence, attest, grant, fetch, decrypt
+//! (docs/protocol.md). [`NodeClient::grant`] runs the protocol up to an opened grant;
+//! [`Granted`] then fetches the whole version (files and ranges of files in parallel, each
+//! stream resumed after a dropped connection from the first chunk it has not received) or one
+//! chunk range. Plaintext goes to a [`WeightSink`]: [`DirSink`] writes files into a directory
+//! only when every file decrypted and verified, [`MemorySink`] fills memory the caller provides.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use aws_lc_rs::digest;
+use bytes::{Bytes, BytesMut};
+use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
 use super::ClientError;
 use crate::attest::report_data;
 use crate::attest::sim::{SimReport, SimSigner};
-use crate::envelope::manifest::verify_manifest;
+use crate::envelope::manifest::{Manifest, verify_manifest};
 use crate::envelope::{FileContext, FileOpener};
 use crate::grant::hpke::NodeKeyPair;
 use crate::proto::v1::node_service_client::NodeServiceClient;
@@ -18,13 +26,30 @@ use crate::proto::v1::{
     AttestRequest, FetchWeightsRequest, GetChallengeRequest, RequestGrantRequest,
 };
 use crate::server::MAX_MESSAGE;
+use crate::server::error::REQUEST_ID_HEADER;
 use crate::time::{Clock, SystemClock};
+
+/// Streams in flight at once when [`FetchOptions::parallel`] is 0.
+pub const DEFAULT_PARALLEL: usize = 4;
+/// A file is split into ranges for parallel streams only in pieces of at least this many chunks.
+const MIN_RANGE_CHUNKS: u64 = 4;
 
 /// Produces evidence inside the TEE for the given report data.
 pub trait Attester: Send + Sync {
     /// The TEE kind name sent to the vault ("sim", ...).
     fn tee(&self) -> &str;
     fn evidence(&self, report_data: &[u8; 64]) -> Result<Vec<u8>, ClientError>;
+
+    /// Evidence for one attempt, given the vault's nonce and the node's X25519 key. By default
+    /// the evidence carries `attest::report_data(nonce, key)`; a TEE whose evidence has its own
+    /// fields for the two (Nitro's `nonce` and `public_key`) overrides this.
+    fn evidence_for(
+        &self,
+        nonce: &[u8; 32],
+        node_public_key: &[u8; 32],
+    ) -> Result<Vec<u8>, ClientError> {
+        self.evidence(&report_data(nonce, node_public_key))
+    }
 }
 
 /// The development TEE: signs a report with the registered sim key.
@@ -61,24 +86,29 @@ impl Attester for SimAttester {
     }
 }
 
-/// Receives decrypted weights, file by file, chunk by chunk, in order.
-pub trait WeightSink {
-    fn begin_file(&mut self, path: &str, size: u64) -> Result<(), ClientError>;
-    fn write(&mut self, plaintext: &[u8]) -> Result<(), ClientError>;
-    fn end_file(&mut self) -> Result<(), ClientError>;
-    /// Everything was received and verified.
+/// Receives authenticated plaintext. Pieces of different files (and of different ranges of one
+/// file) arrive interleaved when streams run in parallel; every byte of every file arrives
+/// exactly once, and nothing arrives before `begin` or after `commit`/`abort`.
+pub trait WeightSink: Send {
+    /// The verified manifest's files as `(path, size)`, in manifest order, before any data.
+    fn begin(&mut self, files: &[(String, u64)]) -> Result<(), ClientError>;
+    /// Plaintext of file number `file` (index into `begin`'s list) starting at byte `offset`.
+    fn write_at(&mut self, file: usize, offset: u64, plaintext: &[u8]) -> Result<(), ClientError>;
+    /// Every file was received, decrypted and (with `verify_digest`) checked.
     fn commit(&mut self) -> Result<(), ClientError>;
     /// The fetch failed: discard what was received.
     fn abort(&mut self);
 }
 
 /// Writes files under a staging directory inside `out` and moves them into place on commit;
-/// on failure the staging directory is removed, so a failed fetch writes nothing.
+/// on failure the staging directory is removed, so a failed fetch writes nothing. Put `out` on
+/// tmpfs to keep plaintext off disk.
 pub struct DirSink {
     out: PathBuf,
     staging: Option<PathBuf>,
-    current: Option<std::io::BufWriter<std::fs::File>>,
-    written: Vec<String>,
+    files: Vec<(String, u64)>,
+    open: Vec<Option<std::fs::File>>,
+    left: Vec<u64>,
 }
 
 impl DirSink {
@@ -86,8 +116,9 @@ impl DirSink {
         Self {
             out: out.to_path_buf(),
             staging: None,
-            current: None,
-            written: Vec::new(),
+            files: Vec::new(),
+            open: Vec::new(),
+            left: Vec::new(),
         }
     }
 
@@ -107,35 +138,49 @@ impl DirSink {
 }
 
 impl WeightSink for DirSink {
-    fn begin_file(&mut self, path: &str, _size: u64) -> Result<(), ClientError> {
-        let p = self.staging()?.join(path);
-        if let Some(parent) = p.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| ClientError::io(parent, e))?;
+    fn begin(&mut self, files: &[(String, u64)]) -> Result<(), ClientError> {
+        let staging = self.staging()?;
+        for (path, size) in files {
+            let p = staging.join(path);
+            if let Some(parent) = p.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| ClientError::io(parent, e))?;
+            }
+            let f = std::fs::File::create(&p).map_err(|e| ClientError::io(&p, e))?;
+            // Sized up front: pieces are written where they belong, in any order.
+            f.set_len(*size).map_err(|e| ClientError::io(&p, e))?;
+            // Opened again on first write; a model of thousands of files keeps few open.
+            self.open.push(None);
+            self.left.push(*size);
         }
-        let f = std::fs::File::create(&p).map_err(|e| ClientError::io(&p, e))?;
-        self.current = Some(std::io::BufWriter::with_capacity(1 << 20, f));
-        self.written.push(path.to_string());
+        self.files = files.to_vec();
         Ok(())
     }
 
-    fn write(&mut self, plaintext: &[u8]) -> Result<(), ClientError> {
-        use std::io::Write;
-        let f = self.current.as_mut().expect("begin_file first");
-        f.write_all(plaintext)
-            .map_err(|e| ClientError::io(&self.out, e))
-    }
-
-    fn end_file(&mut self) -> Result<(), ClientError> {
-        use std::io::Write;
-        if let Some(mut f) = self.current.take() {
-            f.flush().map_err(|e| ClientError::io(&self.out, e))?;
+    fn write_at(&mut self, file: usize, offset: u64, plaintext: &[u8]) -> Result<(), ClientError> {
+        use std::os::unix::fs::FileExt;
+        let staging = self.staging()?;
+        let p = staging.join(&self.files[file].0);
+        if self.open[file].is_none() {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&p)
+                .map_err(|e| ClientError::io(&p, e))?;
+            self.open[file] = Some(f);
+        }
+        let f = self.open[file].as_ref().expect("opened above");
+        f.write_all_at(plaintext, offset)
+            .map_err(|e| ClientError::io(&p, e))?;
+        self.left[file] = self.left[file].saturating_sub(plaintext.len() as u64);
+        if self.left[file] == 0 {
+            self.open[file] = None;
         }
         Ok(())
     }
 
     fn commit(&mut self) -> Result<(), ClientError> {
         let staging = self.staging()?;
-        for rel in &self.written {
+        self.open.clear();
+        for (rel, _) in &self.files {
             let from = staging.join(rel);
             let to = self.out.join(rel);
             if let Some(parent) = to.parent() {
@@ -149,22 +194,106 @@ impl WeightSink for DirSink {
     }
 
     fn abort(&mut self) {
-        self.current = None;
+        self.open.clear();
         if let Some(s) = self.staging.take() {
             let _ = std::fs::remove_dir_all(s);
         }
     }
 }
 
+/// Decrypts into memory the caller provides (for example pinned host memory an inference
+/// engine maps), so no plaintext touches a disk. One region per file, exactly the file's size;
+/// [`Granted::manifest`] tells the sizes before the fetch. On failure every region is zeroed.
+pub struct MemorySink<'a> {
+    regions: Vec<(String, &'a mut [u8])>,
+    /// Region index of each manifest file, set by `begin`.
+    order: Vec<usize>,
+}
+
+impl<'a> MemorySink<'a> {
+    /// `regions`: `(path in the manifest, memory of exactly that file's size)`.
+    pub fn new(regions: Vec<(String, &'a mut [u8])>) -> Self {
+        Self {
+            regions,
+            order: Vec::new(),
+        }
+    }
+}
+
+impl WeightSink for MemorySink<'_> {
+    fn begin(&mut self, files: &[(String, u64)]) -> Result<(), ClientError> {
+        if files.len() != self.regions.len() {
+            return Err(ClientError::Usage(format!(
+                "the version has {} files, {} memory regions were given",
+                files.len(),
+                self.regions.len()
+            )));
+        }
+        self.order.clear();
+        for (path, size) in files {
+            let i = self
+                .regions
+                .iter()
+                .position(|(p, _)| p == path)
+                .ok_or_else(|| ClientError::Usage(format!("no memory region for {path:?}")))?;
+            if self.regions[i].1.len() as u64 != *size {
+                return Err(ClientError::Usage(format!(
+                    "memory region for {path:?} is {} bytes, the file is {size}",
+                    self.regions[i].1.len()
+                )));
+            }
+            self.order.push(i);
+        }
+        Ok(())
+    }
+
+    fn write_at(&mut self, file: usize, offset: u64, plaintext: &[u8]) -> Result<(), ClientError> {
+        let region = &mut self.regions[self.order[file]].1;
+        let start = usize::try_from(offset).map_err(|_| ClientError::Protocol("offset".into()))?;
+        region
+            .get_mut(start..start + plaintext.len())
+            .ok_or_else(|| ClientError::Protocol("piece outside its file".into()))?
+            .copy_from_slice(plaintext);
+        Ok(())
+    }
+
+    fn commit(&mut self) -> Result<(), ClientError> {
+        Ok(())
+    }
+
+    fn abort(&mut self) {
+        for (_, r) in &mut self.regions {
+            r.fill(0);
+        }
+    }
+}
+
 /// Options of one fetch.
-#[derive(Default)]
 pub struct FetchOptions {
     /// 0 = latest.
     pub version: u64,
-    /// Also check each file's SHA-256 from the signed manifest (costs a SHA-256 pass).
+    /// Also check each file's SHA-256 from the signed manifest (costs a SHA-256 pass; files are
+    /// then not split into ranges).
     pub verify_digest: bool,
     /// Pin the vault's manifest signing key instead of trusting the one the vault sends.
     pub manifest_key: Option<[u8; 32]>,
+    /// Streams in flight at once (files, or chunk ranges of large files); 0 = [`DEFAULT_PARALLEL`].
+    pub parallel: usize,
+    /// How often one stream is resumed after it broke off (dropped connection) before the fetch
+    /// fails. Resuming asks only for the chunks not yet received, under the same grant.
+    pub retries: u32,
+}
+
+impl Default for FetchOptions {
+    fn default() -> Self {
+        Self {
+            version: 0,
+            verify_digest: false,
+            manifest_key: None,
+            parallel: 0,
+            retries: 5,
+        }
+    }
 }
 
 /// What a fetch received.
@@ -175,6 +304,8 @@ pub struct FetchReport {
     pub grant_id: String,
     pub files: usize,
     pub bytes: u64,
+    /// Streams resumed after a dropped connection.
+    pub resumed: u32,
 }
 
 pub struct NodeClient {
@@ -189,35 +320,34 @@ impl NodeClient {
     }
 
     /// Runs the whole boot protocol for `model` and streams the plaintext into `sink`.
-    /// `progress(total, done)` is called as bytes arrive.
+    /// `progress(total, done)` is called as bytes are written.
     pub async fn fetch(
         &mut self,
         model: &str,
         opts: &FetchOptions,
         attester: &dyn Attester,
         sink: &mut dyn WeightSink,
-        progress: &mut dyn FnMut(u64, u64),
+        progress: &mut (dyn FnMut(u64, u64) + Send),
     ) -> Result<FetchReport, ClientError> {
-        match self
-            .fetch_inner(model, opts, attester, sink, progress)
-            .await
-        {
-            Ok(r) => Ok(r),
+        let granted = match self.grant(model, opts, attester).await {
+            Ok(g) => g,
             Err(e) => {
                 sink.abort();
-                Err(e)
+                return Err(e);
             }
-        }
+        };
+        granted.fetch(opts, sink, progress).await
     }
 
-    async fn fetch_inner(
+    /// Challenge, evidence, attestation and grant; checks the signed manifest and the grant and
+    /// opens the DEK (docs/protocol.md §6, steps 1-5). The DEK is dropped once the per-file keys
+    /// are derived.
+    pub async fn grant(
         &mut self,
         model: &str,
         opts: &FetchOptions,
         attester: &dyn Attester,
-        sink: &mut dyn WeightSink,
-        progress: &mut dyn FnMut(u64, u64),
-    ) -> Result<FetchReport, ClientError> {
+    ) -> Result<Granted, ClientError> {
         let challenge = self
             .inner
             .get_challenge(GetChallengeRequest {})
@@ -229,7 +359,7 @@ impl NodeClient {
             .try_into()
             .map_err(|_| ClientError::Protocol("nonce is not 32 bytes".into()))?;
         let keys = NodeKeyPair::generate().map_err(|e| ClientError::Protocol(e.to_string()))?;
-        let evidence = attester.evidence(&report_data(&nonce, keys.public_key()))?;
+        let evidence = attester.evidence_for(&nonce, keys.public_key())?;
         let session = self
             .inner
             .attest(AttestRequest {
@@ -285,11 +415,7 @@ impl NodeClient {
         let dek = keys
             .open_dek(&grant.sealed_dek_enc, &grant.sealed_dek, &info)
             .map_err(|_| ClientError::DecryptionFailed)?;
-
-        let total: u64 = manifest.files.iter().map(|f| f.size).sum();
-        let mut done = 0u64;
-        progress(total, 0);
-        let mut plain = Vec::new();
+        let mut openers = Vec::with_capacity(manifest.files.len());
         for file in &manifest.files {
             let header = file
                 .decode_header()
@@ -299,67 +425,411 @@ impl NodeClient {
                 version_id: &manifest.version_id,
                 path: &file.path,
             };
-            let opener = FileOpener::new(&dek, &ctx, &header);
-            let mut sha = opts
-                .verify_digest
-                .then(|| digest::Context::new(&digest::SHA256));
-            sink.begin_file(&file.path, file.size)?;
-            let mut stream = self
-                .inner
-                .fetch_weights(FetchWeightsRequest {
-                    session_token: session.session_token.clone(),
-                    grant_id: grant.grant_id.clone(),
-                    file: file.path.clone(),
-                    first_chunk: 0,
-                    end_chunk: 0,
-                })
-                .await?
-                .into_inner();
-            let mut expect = 0u64;
-            while let Some(chunk) = stream.message().await? {
-                // Chunks arrive in order; a gap, repeat or extra chunk is refused (truncation
-                // and extension are also caught by the last-chunk flag in the nonce).
-                if chunk.index != expect || expect >= file.chunks {
-                    return Err(ClientError::Protocol(format!(
-                        "unexpected chunk {} of {}",
-                        chunk.index, file.path
-                    )));
-                }
-                opener
-                    .open_into(chunk.index, &chunk.ciphertext, &mut plain)
-                    .map_err(|_| ClientError::DecryptionFailed)?;
-                if let Some(s) = sha.as_mut() {
-                    s.update(&plain);
-                }
-                sink.write(&plain)?;
-                done += plain.len() as u64;
-                progress(total, done);
-                expect += 1;
-            }
-            if expect != file.chunks {
-                return Err(ClientError::Protocol(format!(
-                    "{}: received {expect} of {} chunks",
-                    file.path, file.chunks
-                )));
-            }
-            if sha.is_some_and(|s| s.finish().as_ref() != file.sha256) {
-                return Err(ClientError::Protocol(format!(
-                    "{}: SHA-256 differs from the manifest",
-                    file.path
-                )));
-            }
-            sink.end_file()?;
+            openers.push(Arc::new(FileOpener::new(&dek, &ctx, &header)));
         }
         drop(dek);
-        plain.fill(0);
-        sink.commit()?;
-        Ok(FetchReport {
-            model: manifest.model.clone(),
-            version: manifest.version,
+        Ok(Granted {
+            client: self.inner.clone(),
+            token: Bytes::from(session.session_token),
             grant_id: grant.grant_id,
-            files: manifest.files.len(),
-            bytes: done,
+            not_after_ms: grant.not_after_ms,
+            manifest,
+            openers,
         })
+    }
+}
+
+/// An opened grant: the verified manifest and the per-file keys. Fetches run under it until it
+/// expires or is revoked.
+pub struct Granted {
+    client: NodeServiceClient<Channel>,
+    token: Bytes,
+    grant_id: String,
+    not_after_ms: u64,
+    manifest: Manifest,
+    openers: Vec<Arc<FileOpener>>,
+}
+
+/// One stream: chunks `[first, end)` of manifest file `file`.
+#[derive(Clone, Copy)]
+struct Range {
+    file: usize,
+    first: u64,
+    end: u64,
+}
+
+/// Authenticated plaintext of one chunk: decrypted where the message landed when the receive
+/// buffer is ours alone, else into a recycled buffer.
+enum Plain {
+    InPlace(BytesMut, usize),
+    Buf(Vec<u8>),
+}
+
+impl std::ops::Deref for Plain {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Plain::InPlace(b, n) => &b[..*n],
+            Plain::Buf(v) => v,
+        }
+    }
+}
+
+struct Piece {
+    file: usize,
+    offset: u64,
+    plain: Plain,
+}
+
+/// Buffers handed back by the writer, so steady-state decryption allocates nothing.
+type Pool = Arc<Mutex<Vec<Vec<u8>>>>;
+
+impl Granted {
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    pub fn grant_id(&self) -> &str {
+        &self.grant_id
+    }
+
+    pub fn not_after_ms(&self) -> u64 {
+        self.not_after_ms
+    }
+
+    /// Fetches and decrypts chunks `[first, end)` of one file (`end` 0 = to the end of the file)
+    /// and returns their plaintext. A range proves the authenticity of that range only
+    /// (docs/format.md §8).
+    pub async fn read_range(
+        &self,
+        path: &str,
+        first: u64,
+        end: u64,
+    ) -> Result<Vec<u8>, ClientError> {
+        let file = self
+            .manifest
+            .files
+            .iter()
+            .position(|f| f.path == path)
+            .ok_or_else(|| ClientError::Usage(format!("{path:?} is not in the manifest")))?;
+        let chunks = self.manifest.files[file].chunks;
+        let end = if end == 0 { chunks } else { end };
+        if first >= end || end > chunks {
+            return Err(ClientError::Usage(format!(
+                "chunk range {first}..{end} is outside 0..{chunks}"
+            )));
+        }
+        let (tx, mut rx) = mpsc::channel(2);
+        let task = tokio::spawn(self.stream_range(
+            Range { file, first, end },
+            None,
+            FetchOptions::default().retries,
+            Pool::default(),
+            tx,
+        ));
+        let start = first * u64::from(self.manifest.chunk_size);
+        let mut out = Vec::new();
+        while let Some(piece) = rx.recv().await {
+            let piece = piece?;
+            debug_assert_eq!(piece.offset, start + out.len() as u64);
+            out.extend_from_slice(&piece.plain);
+        }
+        task.await
+            .map_err(|e| ClientError::Protocol(format!("fetch task failed: {e}")))?;
+        Ok(out)
+    }
+
+    /// Fetches every file of the version into `sink`: up to `opts.parallel` streams at once,
+    /// network, decryption and output overlapping. On any failure the sink is aborted.
+    pub async fn fetch(
+        &self,
+        opts: &FetchOptions,
+        sink: &mut dyn WeightSink,
+        progress: &mut (dyn FnMut(u64, u64) + Send),
+    ) -> Result<FetchReport, ClientError> {
+        match self.fetch_inner(opts, sink, progress).await {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                sink.abort();
+                Err(e)
+            }
+        }
+    }
+
+    async fn fetch_inner(
+        &self,
+        opts: &FetchOptions,
+        sink: &mut dyn WeightSink,
+        progress: &mut (dyn FnMut(u64, u64) + Send),
+    ) -> Result<FetchReport, ClientError> {
+        let parallel = if opts.parallel == 0 {
+            DEFAULT_PARALLEL
+        } else {
+            opts.parallel
+        };
+        let files: Vec<(String, u64)> = self
+            .manifest
+            .files
+            .iter()
+            .map(|f| (f.path.clone(), f.size))
+            .collect();
+        sink.begin(&files)?;
+        let total: u64 = files.iter().map(|f| f.1).sum();
+        progress(total, 0);
+
+        let ranges = Arc::new(Mutex::new(self.plan(parallel, opts.verify_digest)));
+        let resumed = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        // Two pieces per stream in flight between decryption and output: bounded memory.
+        let (tx, mut rx) = mpsc::channel::<Result<Piece, ClientError>>(2 * parallel);
+        let pool = Pool::default();
+        let mut workers = tokio::task::JoinSet::new();
+        for _ in 0..parallel {
+            let ranges = ranges.clone();
+            let tx = tx.clone();
+            let pool = pool.clone();
+            let resumed = resumed.clone();
+            let this = self.handle();
+            let verify = opts.verify_digest;
+            let retries = opts.retries;
+            workers.spawn(async move {
+                loop {
+                    let Some(r) = ranges.lock().expect("range queue").pop_front() else {
+                        return;
+                    };
+                    let digest = verify.then(|| this.manifest.files[r.file].sha256);
+                    let n = match this
+                        .stream_range(r, digest, retries, pool.clone(), tx.clone())
+                        .await
+                    {
+                        Some(n) => n,
+                        None => return,
+                    };
+                    resumed.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+        }
+        drop(tx);
+        let mut done = 0u64;
+        while let Some(piece) = rx.recv().await {
+            // Returning drops the JoinSet, which stops every stream.
+            let piece = piece?;
+            sink.write_at(piece.file, piece.offset, &piece.plain)?;
+            done += piece.plain.len() as u64;
+            progress(total, done);
+            if let Plain::Buf(v) = piece.plain {
+                pool.lock().expect("pool").push(v);
+            }
+        }
+        while let Some(r) = workers.join_next().await {
+            r.map_err(|e| ClientError::Protocol(format!("fetch task failed: {e}")))?;
+        }
+        if done != total {
+            return Err(ClientError::Protocol(format!(
+                "received {done} of {total} bytes"
+            )));
+        }
+        sink.commit()?;
+        pool.lock()
+            .expect("pool")
+            .iter_mut()
+            .for_each(|b| b.fill(0));
+        Ok(FetchReport {
+            model: self.manifest.model.clone(),
+            version: self.manifest.version,
+            grant_id: self.grant_id.clone(),
+            files: files.len(),
+            bytes: done,
+            resumed: resumed.load(std::sync::atomic::Ordering::Relaxed),
+        })
+    }
+
+    /// The streams of a whole-version fetch, largest first: one per file, and large files cut
+    /// into ranges while there are fewer files than streams (not with a digest check, which
+    /// needs a file's chunks in order).
+    fn plan(&self, parallel: usize, verify_digest: bool) -> VecDeque<Range> {
+        let files = &self.manifest.files;
+        let mut out: Vec<Range> = Vec::new();
+        let per_file = if verify_digest || files.len() >= parallel {
+            1
+        } else {
+            parallel.div_ceil(files.len().max(1)) as u64
+        };
+        for (file, f) in files.iter().enumerate() {
+            let pieces = per_file.min(f.chunks / MIN_RANGE_CHUNKS).max(1);
+            let step = f.chunks.div_ceil(pieces);
+            let mut first = 0;
+            while first < f.chunks {
+                let end = (first + step).min(f.chunks);
+                out.push(Range { file, first, end });
+                first = end;
+            }
+        }
+        out.sort_by_key(|r| std::cmp::Reverse(r.end - r.first));
+        out.into()
+    }
+
+    /// What a spawned stream needs, owned.
+    fn handle(&self) -> Arc<Granted> {
+        Arc::new(Granted {
+            client: self.client.clone(),
+            token: self.token.clone(),
+            grant_id: self.grant_id.clone(),
+            not_after_ms: self.not_after_ms,
+            manifest: self.manifest.clone(),
+            openers: self.openers.clone(),
+        })
+    }
+
+    /// Receives, checks and decrypts one range, resuming after a broken stream from the first
+    /// chunk not received. Pieces and the first error go to `tx`. Returns how many times it
+    /// resumed, or `None` after an error (or when the receiver is gone).
+    fn stream_range(
+        &self,
+        r: Range,
+        digest_of: Option<[u8; 32]>,
+        retries: u32,
+        pool: Pool,
+        tx: mpsc::Sender<Result<Piece, ClientError>>,
+    ) -> impl Future<Output = Option<u32>> + Send + 'static {
+        let mut client = self.client.clone();
+        let token = self.token.clone();
+        let grant_id = self.grant_id.clone();
+        let file = self.manifest.files[r.file].clone();
+        let chunk_size = u64::from(self.manifest.chunk_size);
+        let opener = self.openers[r.file].clone();
+        async move {
+            let mut sha = digest_of.map(|_| digest::Context::new(&digest::SHA256));
+            let mut next = r.first;
+            let mut resumed = 0u32;
+            let outcome: Result<(), ClientError> = loop {
+                let attempt = async {
+                    let mut stream = client
+                        .fetch_weights(FetchWeightsRequest {
+                            session_token: token.to_vec(),
+                            grant_id: grant_id.clone(),
+                            file: file.path.clone(),
+                            first_chunk: next,
+                            end_chunk: r.end,
+                        })
+                        .await?
+                        .into_inner();
+                    while let Some(chunk) = stream.message().await? {
+                        // In order, no gap, repeat or extra chunk (truncation and extension are
+                        // also caught by the last-chunk flag in the nonce, docs/format.md §6.1).
+                        if chunk.index != next || next >= r.end {
+                            return Err(Fatal(ClientError::Protocol(format!(
+                                "unexpected chunk {} of {}",
+                                chunk.index, file.path
+                            ))));
+                        }
+                        let plain =
+                            open(&opener, chunk.index, chunk.ciphertext, &pool).map_err(Fatal)?;
+                        if let Some(s) = sha.as_mut() {
+                            s.update(&plain);
+                        }
+                        let piece = Piece {
+                            file: r.file,
+                            offset: next * chunk_size,
+                            plain,
+                        };
+                        next += 1;
+                        if tx.send(Ok(piece)).await.is_err() {
+                            return Err(Fatal(ClientError::Protocol("fetch cancelled".into())));
+                        }
+                    }
+                    Ok(())
+                };
+                match attempt.await {
+                    Ok(()) if next == r.end => break Ok(()),
+                    // The vault ends a stream whose node stalled; ask for the rest again.
+                    Ok(()) if resumed < retries => {
+                        resumed += 1;
+                        tracing::info!(file = %file.path, next, "stream ended early; resuming");
+                    }
+                    Ok(()) => {
+                        break Err(ClientError::Protocol(format!(
+                            "{}: stream ended before chunk {next} of {}",
+                            file.path, r.end
+                        )));
+                    }
+                    Err(Fatal(ClientError::Status(s))) if resumable(&s) && resumed < retries => {
+                        resumed += 1;
+                        tracing::info!(file = %file.path, next, code = ?s.code(), "stream broke off; resuming");
+                        tokio::time::sleep(Duration::from_millis(100 << resumed.min(5))).await;
+                    }
+                    Err(Fatal(e)) => break Err(e),
+                }
+            };
+            let outcome = outcome.and_then(|()| {
+                if let (Some(s), Some(want)) = (sha, digest_of)
+                    && s.finish().as_ref() != want
+                {
+                    return Err(ClientError::Protocol(format!(
+                        "{}: SHA-256 differs from the manifest",
+                        file.path
+                    )));
+                }
+                Ok(())
+            });
+            match outcome {
+                Ok(()) => Some(resumed),
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    None
+                }
+            }
+        }
+    }
+}
+
+/// Any error inside one attempt (the name says the caller decides whether to resume).
+struct Fatal(ClientError);
+
+impl From<tonic::Status> for Fatal {
+    fn from(s: tonic::Status) -> Self {
+        Fatal(ClientError::Status(s))
+    }
+}
+
+/// A stream that broke off in transport (no answer from the vault: no request id), or a vault
+/// that could not log for a moment, is resumed; every refusal by the vault is final.
+fn resumable(s: &tonic::Status) -> bool {
+    use tonic::Code;
+    let from_vault = s.metadata().get(REQUEST_ID_HEADER).is_some();
+    match s.code() {
+        Code::Unavailable => true,
+        Code::Unknown
+        | Code::Cancelled
+        | Code::Aborted
+        | Code::Internal
+        | Code::DeadlineExceeded => !from_vault,
+        _ => false,
+    }
+}
+
+/// Decrypts one chunk: in place when the message buffer is not shared, else into a pooled
+/// buffer. Every failure is the one opaque error.
+fn open(
+    opener: &FileOpener,
+    index: u64,
+    ciphertext: Bytes,
+    pool: &Pool,
+) -> Result<Plain, ClientError> {
+    match ciphertext.try_into_mut() {
+        Ok(mut buf) => {
+            let n = opener
+                .open_in_place(index, &mut buf)
+                .map_err(|_| ClientError::DecryptionFailed)?
+                .len();
+            Ok(Plain::InPlace(buf, n))
+        }
+        Err(shared) => {
+            let mut out = pool.lock().expect("pool").pop().unwrap_or_default();
+            opener
+                .open_into(index, &shared, &mut out)
+                .map_err(|_| ClientError::DecryptionFailed)?;
+            Ok(Plain::Buf(out))
+        }
     }
 }
 

@@ -36,7 +36,24 @@ pub struct Config {
     pub budgets: BudgetsConfig,
     #[serde(default)]
     pub approvals: ApprovalsConfig,
+    #[serde(default)]
+    pub ops: OpsConfig,
 }
+
+/// The plaintext operations listener: `GET /metrics` (Prometheus) and `grpc.health.v1` for
+/// probes that cannot speak TLS. Off unless `listen` is set; keep it on a private address.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpsConfig {
+    /// For example "127.0.0.1:9464".
+    pub listen: Option<SocketAddr>,
+}
+
+/// Environment variables that override config keys: `WEIGHTVAULT_` + the key path in upper case
+/// with `__` between levels, for example `WEIGHTVAULT_STORAGE__CHUNK_SIZE=1048576` or
+/// `WEIGHTVAULT__LISTEN=0.0.0.0:7443` for a top-level key. Only names containing `__` are
+/// overrides; the client variables (`WEIGHTVAULT_ADDR`, ...) never are.
+pub const ENV_PREFIX: &str = "WEIGHTVAULT_";
 
 /// M-of-N approval of sensitive changes (docs/access-control.md).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -45,7 +62,7 @@ pub struct ApprovalsConfig {
     /// Distinct admins needed (the proposer counts once). 1 = changes apply at once.
     #[serde(default = "default_quorum")]
     pub quorum: u32,
-    /// Operations that need the quorum. Known: "access_allow".
+    /// Operations that need the quorum. Known: "access_allow", "model_rm", "keys_rotate".
     #[serde(default = "default_operations")]
     pub operations: Vec<String>,
     /// A proposal not decided within this many seconds expires.
@@ -66,6 +83,10 @@ impl Default for ApprovalsConfig {
 fn default_quorum() -> u32 {
     1
 }
+
+/// Operations `[approvals] operations` may list: adding an access rule, destroying a model
+/// version (`model rm`) and rotating the KEK (`keys rotate`).
+pub const APPROVABLE_OPERATIONS: &[&str] = &["access_allow", "model_rm", "keys_rotate"];
 
 fn default_operations() -> Vec<String> {
     vec!["access_allow".to_string()]
@@ -126,6 +147,10 @@ pub struct AuditConfig {
     /// A heartbeat entry is written after this many seconds without entries.
     #[serde(default = "default_heartbeat_secs")]
     pub heartbeat_secs: u64,
+    /// With replicas (PostgreSQL metadata): seconds the sequencer lease lives without renewal,
+    /// so how long a dead holder's duties (heartbeats, periodic checkpoints) wait for another.
+    #[serde(default = "default_lease_secs")]
+    pub lease_secs: u64,
 }
 
 impl Default for AuditConfig {
@@ -134,6 +159,7 @@ impl Default for AuditConfig {
             origin: None,
             checkpoint_interval_ms: default_checkpoint_ms(),
             heartbeat_secs: default_heartbeat_secs(),
+            lease_secs: default_lease_secs(),
         }
     }
 }
@@ -144,6 +170,10 @@ fn default_checkpoint_ms() -> u64 {
 
 fn default_heartbeat_secs() -> u64 {
     60
+}
+
+fn default_lease_secs() -> u64 {
+    10
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -182,7 +212,77 @@ pub enum SealConfig {
         /// production vault never silently starts with a fresh, empty key hierarchy.
         #[serde(default)]
         create: bool,
+        /// `weightvault serve` refuses the file seal without `--dev` unless this is set.
+        #[serde(default)]
+        allow_file_outside_dev: bool,
     },
+    /// Root key split into shares (`weightvault operator init`); the vault starts sealed until
+    /// a threshold of shares is submitted (docs/key-ceremony.md).
+    Shamir {},
+    /// Root key encrypted by a non-extractable AES-256 key inside a PKCS#11 HSM; the vault
+    /// unseals itself at start.
+    Pkcs11 {
+        /// The PKCS#11 module (shared library), e.g. /usr/lib/softhsm/libsofthsm2.so.
+        module: PathBuf,
+        /// Slot id; or leave it out and give `token_label`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        slot: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token_label: Option<String>,
+        /// Label of the AES-256 wrapping key (created in the token at the first start if absent).
+        key_label: String,
+        /// User PIN. Prefer `pin_env`: a PIN in the file is readable by whoever reads the file.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pin: Option<crate::keys::secret::SecretText>,
+        /// Environment variable holding the PIN (default WEIGHTVAULT_PKCS11_PIN).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pin_env: Option<String>,
+        /// Migration from the file seal: the old root key file, read once at start to move the
+        /// key ring under a new HSM-sealed root key.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        migrate_from_file: Option<PathBuf>,
+    },
+    /// Auto-unseal through a cloud KMS: planned, refused by validation in this version.
+    CloudKms {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        provider: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        key_id: Option<String>,
+    },
+}
+
+impl SealConfig {
+    /// Value problems of `[seal]` (see docs/key-ceremony.md).
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        match self {
+            SealConfig::CloudKms { .. } => p.push(
+                "seal.kind = \"cloud_kms\" is not implemented in this version (planned; see \
+                 docs/key-ceremony.md): use \"shamir\" or \"pkcs11\""
+                    .into(),
+            ),
+            SealConfig::Pkcs11 {
+                slot,
+                token_label,
+                key_label,
+                pin,
+                pin_env,
+                ..
+            } => {
+                if slot.is_none() && token_label.as_deref().is_none_or(str::is_empty) {
+                    p.push("seal: pkcs11 needs seal.slot or seal.token_label".into());
+                }
+                if key_label.is_empty() {
+                    p.push("seal.key_label: must not be empty".into());
+                }
+                if pin.is_some() && pin_env.is_some() {
+                    p.push("seal: set seal.pin or seal.pin_env, not both".into());
+                }
+            }
+            SealConfig::File { .. } | SealConfig::Shamir {} => {}
+        }
+        p
+    }
 }
 
 /// Which TEEs the vault accepts, and each verifier's policy (docs/attestation.md). Every
@@ -323,14 +423,54 @@ pub struct StorageConfig {
     /// Plaintext bytes per at-rest chunk (4096 ..= 64 MiB).
     #[serde(default = "default_chunk_size")]
     pub chunk_size: u32,
+    /// Metadata backend. Unset: SQLite in `data_dir`. `postgres://user@host:port/db` (no
+    /// password in the URL: it comes from `PGPASSWORD` or a pgpass file) for replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<String>,
+    /// Blob backend. Unset: `data_dir/blobs`. `s3://bucket/prefix` for replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blobs: Option<String>,
+    /// How to reach the bucket of an `s3://` `blobs`; unset keys come from the AWS environment.
+    #[serde(default)]
+    pub s3: S3Config,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
         Self {
             chunk_size: default_chunk_size(),
+            metadata: None,
+            blobs: None,
+            s3: S3Config::default(),
         }
     }
+}
+
+impl StorageConfig {
+    /// Whether the metadata store is shared with other replicas (PostgreSQL).
+    pub fn is_shared(&self) -> bool {
+        self.metadata.is_some()
+    }
+}
+
+/// The S3 endpoint and credentials. The secret key is never in this file: it is read at start
+/// from `secret_access_key_file`, or comes from `AWS_SECRET_ACCESS_KEY` / instance credentials.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    /// `https://host[:port]` of an S3-compatible store (path-style requests); unset: AWS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// Permit an `http://` endpoint (a loopback test server; never across a network).
+    #[serde(default)]
+    pub allow_http: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_key_id: Option<String>,
+    /// File holding the secret access key (trailing newline ignored); mode 0600.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_access_key_file: Option<PathBuf>,
 }
 
 fn default_chunk_size() -> u32 {
@@ -359,10 +499,27 @@ impl Config {
             path: path.display().to_string(),
             source,
         })?;
-        let mut cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        let mut table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.display().to_string(),
             message: e.to_string(),
         })?;
+        let applied = apply_env_overrides(&mut table, std::env::vars()).map_err(|message| {
+            ConfigError::Parse {
+                path: path.display().to_string(),
+                message,
+            }
+        })?;
+        let mut cfg: Config =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e| ConfigError::Parse {
+                    path: path.display().to_string(),
+                    message: if applied.is_empty() {
+                        e.to_string()
+                    } else {
+                        format!("{e} (after environment overrides {})", applied.join(", "))
+                    },
+                })?;
         let base = path.parent().unwrap_or(Path::new("."));
         cfg.resolve_paths(base);
         let problems = cfg.problems();
@@ -387,6 +544,20 @@ impl Config {
         fix(&mut self.tls.client_ca);
         match &mut self.seal {
             SealConfig::File { path, .. } => fix(path),
+            SealConfig::Pkcs11 {
+                module,
+                migrate_from_file,
+                ..
+            } => {
+                fix(module);
+                if let Some(p) = migrate_from_file {
+                    fix(p);
+                }
+            }
+            SealConfig::Shamir {} | SealConfig::CloudKms { .. } => {}
+        }
+        if let Some(p) = &mut self.storage.s3.secret_access_key_file {
+            fix(p);
         }
     }
 
@@ -436,6 +607,7 @@ impl Config {
                 p.push(format!("attest.{}: {e}", tee.as_str()));
             }
         }
+        p.extend(self.seal.problems());
         if self.attest.sim.enabled && self.attest.sim.trusted_keys.is_empty() {
             p.push("attest.sim.enabled is true but attest.sim.trusted_keys is empty".into());
         }
@@ -455,6 +627,13 @@ impl Config {
             p.push(format!(
                 "storage.chunk_size: {} is outside 4096..=67108864",
                 self.storage.chunk_size
+            ));
+        }
+        p.extend(self.storage.problems());
+        if !(1..=300).contains(&self.audit.lease_secs) {
+            p.push(format!(
+                "audit.lease_secs: {} is outside 1..=300",
+                self.audit.lease_secs
             ));
         }
         if let Some(o) = &self.audit.origin
@@ -477,9 +656,10 @@ impl Config {
             ));
         }
         for op in &self.approvals.operations {
-            if op != "access_allow" {
+            if !APPROVABLE_OPERATIONS.contains(&op.as_str()) {
                 p.push(format!(
-                    "approvals.operations: unknown operation {op:?} (known: access_allow)"
+                    "approvals.operations: unknown operation {op:?} (known: {})",
+                    APPROVABLE_OPERATIONS.join(", ")
                 ));
             }
         }
@@ -524,4 +704,162 @@ impl Config {
 /// SHA-256 fingerprint (lowercase hex) of a DER certificate, as used in `roles`.
 pub fn cert_fingerprint(der: &[u8]) -> String {
     hex::encode(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der))
+}
+
+/// Applies `WEIGHTVAULT_A__B=value` overrides to a parsed config table and returns the names of
+/// the variables applied. A value is read as a TOML value when it parses as one (numbers, booleans,
+/// arrays, quoted strings), otherwise as a plain string. Unknown keys are caught afterwards by the
+/// typed parse, which names the key.
+pub fn apply_env_overrides(
+    table: &mut toml::Table,
+    vars: impl IntoIterator<Item = (String, String)>,
+) -> Result<Vec<String>, String> {
+    let mut applied = Vec::new();
+    let mut vars: Vec<(String, String)> = vars
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k.contains("__"))
+        .collect();
+    vars.sort();
+    for (name, raw) in vars {
+        let rest = name[ENV_PREFIX.len()..].trim_start_matches('_');
+        let keys: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
+        if keys.iter().any(|k| k.is_empty()) {
+            return Err(format!(
+                "environment variable {name}: empty key segment (use {ENV_PREFIX}SECTION__KEY)"
+            ));
+        }
+        let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(raw.clone()));
+        let (last, parents) = keys.split_last().expect("at least one segment");
+        let mut t = &mut *table;
+        for k in parents {
+            let entry = t
+                .entry(k.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            t = entry.as_table_mut().ok_or_else(|| {
+                format!("environment variable {name}: config key {k:?} is not a section")
+            })?;
+        }
+        t.insert(last.clone(), value);
+        applied.push(name);
+    }
+    Ok(applied)
+}
+
+impl StorageConfig {
+    /// Problems with the backend URLs and S3 settings (part of [`Config::problems`]).
+    fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if let Some(url) = &self.metadata {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                p.push(format!(
+                    "storage.metadata: {url:?} is not a postgres:// URL (leave it unset for the embedded store)"
+                ));
+            } else {
+                use std::str::FromStr;
+                // RFC 3986 §3.2.1: a password is the part of the userinfo after ':'.
+                let authority = url
+                    .split_once("://")
+                    .map_or("", |(_, rest)| rest.split(['/', '?']).next().unwrap_or(""));
+                let has_password = authority
+                    .rsplit_once('@')
+                    .is_some_and(|(userinfo, _)| userinfo.contains(':'));
+                if has_password {
+                    p.push(
+                        "storage.metadata: the URL must not contain a password (use PGPASSWORD or a pgpass file)"
+                            .into(),
+                    );
+                } else if let Err(e) = sqlx::postgres::PgConnectOptions::from_str(url) {
+                    p.push(format!("storage.metadata: {e}"));
+                }
+            }
+        }
+        let s3 = &self.s3;
+        match &self.blobs {
+            Some(url) => {
+                if let Err(e) = crate::store::s3::parse_url(url) {
+                    p.push(format!("storage.blobs: {e}"));
+                }
+            }
+            None => {
+                let set = s3.endpoint.is_some()
+                    || s3.region.is_some()
+                    || s3.allow_http
+                    || s3.access_key_id.is_some()
+                    || s3.secret_access_key_file.is_some();
+                if set {
+                    p.push("storage.s3 is set but storage.blobs is not an s3:// URL".into());
+                }
+            }
+        }
+        if let Some(e) = &s3.endpoint {
+            if e.starts_with("http://") {
+                if !s3.allow_http {
+                    p.push(format!(
+                        "storage.s3.endpoint: {e:?} is plain HTTP; set storage.s3.allow_http = true only for a loopback test server"
+                    ));
+                }
+            } else if !e.starts_with("https://") {
+                p.push(format!(
+                    "storage.s3.endpoint: {e:?} must start with https:// (or http:// with allow_http)"
+                ));
+            }
+        }
+        match (&s3.access_key_id, &s3.secret_access_key_file) {
+            (Some(_), None) | (None, Some(_)) => p.push(
+                "storage.s3: access_key_id and secret_access_key_file go together (or leave both to the AWS environment)"
+                    .into(),
+            ),
+            (Some(_), Some(path)) if !path.is_file() => p.push(format!(
+                "storage.s3.secret_access_key_file: {} is not a readable file",
+                path.display()
+            )),
+            _ => {}
+        }
+        p
+    }
+}
+
+#[cfg(test)]
+mod env_tests {
+    use super::*;
+
+    fn vars(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn overrides_nested_and_top_level_keys_with_typed_values() {
+        let mut t: toml::Table =
+            toml::from_str("listen = \"127.0.0.1:1\"\n[storage]\nchunk_size = 4096\n").unwrap();
+        let applied = apply_env_overrides(
+            &mut t,
+            vars(&[
+                ("WEIGHTVAULT_STORAGE__CHUNK_SIZE", "65536"),
+                ("WEIGHTVAULT__LISTEN", "0.0.0.0:7443"),
+                ("WEIGHTVAULT_OPS__LISTEN", "127.0.0.1:9464"),
+                ("WEIGHTVAULT_ADDR", "ignored:1"),
+                ("OTHER__X", "ignored"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(applied.len(), 3);
+        assert_eq!(t["storage"]["chunk_size"].as_integer(), Some(65536));
+        assert_eq!(t["listen"].as_str(), Some("0.0.0.0:7443"));
+        assert_eq!(t["ops"]["listen"].as_str(), Some("127.0.0.1:9464"));
+        assert!(!t.contains_key("addr"));
+    }
+
+    #[test]
+    fn a_key_under_a_scalar_is_refused_with_the_variable_name() {
+        let mut t: toml::Table = toml::from_str("listen = \"127.0.0.1:1\"").unwrap();
+        let e = apply_env_overrides(&mut t, vars(&[("WEIGHTVAULT_LISTEN__X", "1")])).unwrap_err();
+        assert!(e.contains("WEIGHTVAULT_LISTEN__X"), "{e}");
+        let e = apply_env_overrides(&mut t, vars(&[("WEIGHTVAULT_A____B", "1")])).unwrap_err();
+        assert!(e.contains("empty key segment"), "{e}");
+    }
 }

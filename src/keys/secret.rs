@@ -1,8 +1,11 @@
 //! Secret key types. Each one zeroizes on drop, has neither `Debug` nor `Clone`, and hands out its
-//! bytes only through `expose_secret`, so every use of raw key material is greppable.
+//! bytes only through `expose_secret`, so every use of raw key material is greppable. The bytes
+//! live in locked memory where the OS allows ([`super::locked`]).
 
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
-use zeroize::{Zeroize, ZeroizeOnDrop};
+use zeroize::Zeroize;
+
+use super::locked::LockedBytes;
 
 /// Length of every symmetric key in the hierarchy (AES-256).
 pub const KEY_LEN: usize = 32;
@@ -10,28 +13,28 @@ pub const KEY_LEN: usize = 32;
 macro_rules! secret_key {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
-        #[derive(Zeroize, ZeroizeOnDrop)]
-        pub struct $name([u8; KEY_LEN]);
+        pub struct $name(LockedBytes<KEY_LEN>);
 
         impl $name {
-            /// A fresh key from the operating system's CSPRNG.
+            /// A fresh key from the operating system's CSPRNG, generated in locked memory.
             pub fn generate() -> Result<Self, aws_lc_rs::error::Unspecified> {
-                let mut bytes = [0u8; KEY_LEN];
-                SystemRandom::new().fill(&mut bytes)?;
+                let mut bytes = LockedBytes::zeroed();
+                SystemRandom::new().fill(bytes.expose_mut())?;
                 Ok(Self(bytes))
             }
 
             /// Takes ownership of raw key bytes (for example just unwrapped); the caller's copy
             /// is wiped.
             pub fn from_bytes(bytes: &mut [u8; KEY_LEN]) -> Self {
-                let key = Self(*bytes);
+                let mut key = LockedBytes::zeroed();
+                key.expose_mut().copy_from_slice(bytes);
                 bytes.zeroize();
-                key
+                Self(key)
             }
 
             /// The one way out of the type: raw bytes, for a KDF or a cipher constructor.
             pub fn expose_secret(&self) -> &[u8; KEY_LEN] {
-                &self.0
+                self.0.expose()
             }
         }
     };
@@ -50,6 +53,34 @@ secret_key!(
     Dek
 );
 
+/// A credential held as text (an HSM PIN): wiped on drop, printed as `[redacted]`, read through
+/// `expose_secret` only. It is configuration, so unlike keys it can be cloned with the config.
+#[derive(Clone, Default, serde::Deserialize, serde::Serialize)]
+#[serde(transparent)]
+pub struct SecretText(String);
+
+impl SecretText {
+    pub fn new(text: String) -> Self {
+        Self(text)
+    }
+
+    pub fn expose_secret(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SecretText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl Drop for SecretText {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,5 +98,12 @@ mod tests {
         let a = Dek::generate().unwrap();
         let b = Dek::generate().unwrap();
         assert_ne!(a.expose_secret(), b.expose_secret());
+    }
+
+    #[test]
+    fn secret_text_never_prints() {
+        let pin = SecretText::new("1234-secret".into());
+        assert_eq!(format!("{pin:?}"), "[redacted]");
+        assert_eq!(pin.expose_secret(), "1234-secret");
     }
 }

@@ -17,7 +17,7 @@ use crate::envelope::manifest::{
     MANIFEST_FORMAT, Manifest, ManifestFile, sign_manifest, validate_path,
 };
 use crate::envelope::{FileContext, FileSealer, Header, TAG_LEN};
-use crate::keys::Dek;
+use crate::keys::KeyError;
 use crate::proto::v1::admin_service_server::AdminService;
 use crate::proto::v1::push_model_request::Msg;
 use crate::proto::v1::revoke_request::Target;
@@ -33,6 +33,10 @@ use crate::proto::v1::{
     DenyAccessRequest, DenyAccessResponse, GrantInfo, ListGrantsRequest, ListGrantsResponse,
     ListRevocationsRequest, ListRevocationsResponse, Revocation as PbRevocation, RevokeRequest,
     RevokeResponse,
+};
+use crate::proto::v1::{
+    GetKeyStatusRequest, KekInfo, KeyStatus, RemoveVersionRequest, RemoveVersionResponse,
+    RotateKeysRequest, RotateKeysResponse,
 };
 use crate::store::{
     AccessRule, ProposalRecord, Revocation, RevocationKind, StoreError, VersionRecord, chunk_key,
@@ -55,6 +59,37 @@ struct UploadGuard {
     vault: Arc<Vault>,
     id: [u8; 16],
     armed: bool,
+    /// Chunk writes in flight (each fsyncs; several at once keep the disk busy).
+    puts: tokio::task::JoinSet<Result<(), StoreError>>,
+}
+
+/// Chunk writes in flight per push: fsyncs overlap, memory stays at a few chunks.
+const PUTS_IN_FLIGHT: usize = 4;
+
+fn joined(r: Result<Result<(), StoreError>, tokio::task::JoinError>) -> Result<(), StoreError> {
+    r.map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?
+}
+
+impl UploadGuard {
+    /// Stores a chunk in the background, waiting first while [`PUTS_IN_FLIGHT`] are running.
+    async fn put(&mut self, key: String, data: Bytes) -> Result<(), StoreError> {
+        while self.puts.len() >= PUTS_IN_FLIGHT {
+            if let Some(r) = self.puts.join_next().await {
+                joined(r)?;
+            }
+        }
+        let blobs = self.vault.blobs.clone();
+        self.puts.spawn(async move { blobs.put(&key, data).await });
+        Ok(())
+    }
+
+    /// Waits for every chunk write; the first failure is returned.
+    async fn flush(&mut self) -> Result<(), StoreError> {
+        while let Some(r) = self.puts.join_next().await {
+            joined(r)?;
+        }
+        Ok(())
+    }
 }
 
 impl Drop for UploadGuard {
@@ -64,8 +99,11 @@ impl Drop for UploadGuard {
         }
         let vault = self.vault.clone();
         let id = self.id;
+        let mut puts = std::mem::take(&mut self.puts);
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {
+                // Writes still running finish first, so none lands after the delete.
+                while puts.join_next().await.is_some() {}
                 if let Err(e) = vault.blobs.delete_prefix(&version_prefix(&id)).await {
                     tracing::warn!(error = %e, "cleaning an aborted upload; it is retried at restart");
                     return;
@@ -123,10 +161,12 @@ impl AdminApi {
             vault: v.clone(),
             id: version_id,
             armed: true,
+            puts: tokio::task::JoinSet::new(),
         };
-        let (dek, kek_version, wrapped_dek) = v
+        // Wrapped only at commit, under the KEK active then (a rotation may run meanwhile).
+        let dek = v
             .keys
-            .new_dek(&model, &version_id)
+            .generate_dek()
             .map_err(|e| internal(rid, "making DEK", e))?;
 
         let chunk_size = v.chunk_size;
@@ -142,10 +182,7 @@ impl AdminApi {
                 Msg::Start(_) => return Err(ApiError::InvalidArgument("start sent twice".into())),
                 Msg::File(f) => {
                     if let Some(done) = current.take() {
-                        files.push(
-                            self.finish_file(rid, &dek, &model, &version_id, done)
-                                .await?,
-                        );
+                        files.push(self.finish_file(rid, &mut guard, &version_id, done).await?);
                     }
                     validate_path(&f.path).map_err(|e| {
                         ApiError::InvalidArgument(format!("file path {:?}: {e}", f.path))
@@ -178,7 +215,8 @@ impl AdminApi {
                     let Some(file) = current.as_mut() else {
                         return Err(ApiError::InvalidArgument("data before a file start".into()));
                     };
-                    self.take_data(rid, &version_id, file, &data).await?;
+                    self.take_data(rid, &mut guard, &version_id, file, &data)
+                        .await?;
                 }
                 Msg::Finish(_) => finished = true,
             }
@@ -189,25 +227,32 @@ impl AdminApi {
             ));
         }
         if let Some(done) = current.take() {
-            files.push(
-                self.finish_file(rid, &dek, &model, &version_id, done)
-                    .await?,
-            );
+            files.push(self.finish_file(rid, &mut guard, &version_id, done).await?);
         }
         if files.is_empty() {
             return Err(ApiError::InvalidArgument(
                 "a model version needs at least one file".into(),
             ));
         }
-        drop(dek);
         files.sort_by(|a, b| a.path.cmp(&b.path));
         let total_bytes: u64 = files.iter().map(|f| f.size).sum();
         let file_count = files.len();
+        guard
+            .flush()
+            .await
+            .map_err(|e| internal(rid, "storing chunk", e))?;
         v.blobs
             .sync_prefix(&version_prefix(&version_id))
             .await
             .map_err(|e| internal(rid, "syncing blobs", e))?;
 
+        // Held until the commit: the KEK that wraps this DEK cannot be retired in between.
+        let gate = v.keys.commit_gate().await;
+        let (kek_version, wrapped_dek) = v
+            .keys
+            .wrap_dek(&dek, &model, &version_id)
+            .map_err(|e| internal(rid, "wrapping DEK", e))?;
+        drop(dek);
         // The version number is fixed at commit; if another push took it meanwhile, sign anew.
         let mut attempts = 0;
         let version = loop {
@@ -247,6 +292,7 @@ impl AdminApi {
                 Err(e) => return Err(internal(rid, "committing version", e)),
             }
         };
+        drop(gate);
         guard.armed = false;
         let mut entry = v.entry(Action::Push, Decision::Allow, actor);
         entry.model = Some(model.clone());
@@ -269,6 +315,7 @@ impl AdminApi {
     async fn take_data(
         &self,
         rid: &str,
+        guard: &mut UploadGuard,
         version_id: &[u8; 16],
         file: &mut FileInProgress,
         mut data: &[u8],
@@ -294,7 +341,7 @@ impl AdminApi {
             if file.buf.len() == want && !sealer.is_last_next() {
                 let sealer = file.sealer.as_mut().expect("sealer");
                 let index = sealer.seal_next(&mut file.buf);
-                self.store_chunk(rid, version_id, &file.path, index, &mut file.buf)
+                self.store_chunk(rid, guard, version_id, &file.path, index, &mut file.buf)
                     .await?;
             }
         }
@@ -304,15 +351,15 @@ impl AdminApi {
     async fn store_chunk(
         &self,
         rid: &str,
+        guard: &mut UploadGuard,
         version_id: &[u8; 16],
         path: &str,
         index: u64,
         buf: &mut Vec<u8>,
     ) -> Result<(), ApiError> {
         let chunk = Bytes::from(std::mem::replace(buf, Vec::with_capacity(buf.capacity())));
-        self.vault
-            .blobs
-            .put(&chunk_key(version_id, path, index), chunk)
+        guard
+            .put(chunk_key(version_id, path, index), chunk)
             .await
             .map_err(|e| internal(rid, "storing chunk", e))
     }
@@ -320,8 +367,7 @@ impl AdminApi {
     async fn finish_file(
         &self,
         rid: &str,
-        _dek: &Dek,
-        _model: &str,
+        guard: &mut UploadGuard,
         version_id: &[u8; 16],
         mut file: FileInProgress,
     ) -> Result<ManifestFile, ApiError> {
@@ -334,7 +380,7 @@ impl AdminApi {
         }
         let sealer = file.sealer.take().expect("sealer");
         let index = sealer.finish(&mut file.buf);
-        self.store_chunk(rid, version_id, &file.path, index, &mut file.buf)
+        self.store_chunk(rid, guard, version_id, &file.path, index, &mut file.buf)
             .await?;
         let mut sha256 = [0u8; 32];
         sha256.copy_from_slice(file.sha256.finish().as_ref());
@@ -628,6 +674,15 @@ impl AdminApi {
                     self.apply_rule(rid, actor, rule, Some(&next.approvers))
                         .await?;
                 }
+                "model_rm" => {
+                    let (model, version, reason) = rm_from_payload(&next.payload)
+                        .map_err(|e| internal(rid, "proposal payload", e))?;
+                    self.apply_remove(rid, actor, &model, version, &reason, Some(&next.approvers))
+                        .await?;
+                }
+                "keys_rotate" => {
+                    self.apply_rotate(rid, actor, Some(&next.approvers)).await?;
+                }
                 other => {
                     return Err(internal(
                         rid,
@@ -639,6 +694,319 @@ impl AdminApi {
         }
         Ok(next)
     }
+}
+
+fn rm_payload(model: &str, version: u64, reason: &str) -> String {
+    serde_json::json!({ "model": model, "version": version, "reason": reason }).to_string()
+}
+
+fn rm_from_payload(payload: &str) -> Result<(String, u64, String), serde_json::Error> {
+    #[derive(serde::Deserialize)]
+    struct P {
+        model: String,
+        version: u64,
+        reason: String,
+    }
+    let p: P = serde_json::from_str(payload)?;
+    Ok((p.model, p.version, p.reason))
+}
+
+fn approved_suffix(approved_by: Option<&[String]>) -> String {
+    approved_by.map_or(String::new(), |a| format!("; approved by {}", a.join(",")))
+}
+
+/// Whether `op` needs the M-of-N quorum.
+fn gated(v: &Vault, op: &str) -> bool {
+    v.approvals.quorum > 1 && v.approvals.operations.iter().any(|o| o == op)
+}
+
+impl AdminApi {
+    /// `model rm NAME@VERSION`: crypto-shredding (docs/keys.md).
+    async fn remove_version(
+        &self,
+        rid: &str,
+        actor: Actor,
+        req: RemoveVersionRequest,
+    ) -> Result<RemoveVersionResponse, ApiError> {
+        let v = &self.vault;
+        check_model_name(&req.model)?;
+        if req.version == 0 {
+            return Err(ApiError::InvalidArgument(
+                "give the version to destroy (NAME@VERSION)".into(),
+            ));
+        }
+        let reason: String = req.reason.chars().take(256).collect();
+        if reason.chars().any(char::is_control) {
+            return Err(ApiError::InvalidArgument(
+                "reason must not contain control characters".into(),
+            ));
+        }
+        v.store
+            .get_version(&req.model, Some(req.version))
+            .await
+            .map_err(|e| internal(rid, "loading version", e))?
+            .ok_or_else(|| {
+                ApiError::NotFound(format!(
+                    "model {} version {} not found",
+                    req.model, req.version
+                ))
+            })?;
+        if gated(v, "model_rm") {
+            let p = self
+                .propose(
+                    rid,
+                    &actor,
+                    "model_rm",
+                    rm_payload(&req.model, req.version, &reason),
+                )
+                .await?;
+            return Ok(RemoveVersionResponse {
+                proposal_id: p.id,
+                ..Default::default()
+            });
+        }
+        self.apply_remove(rid, actor, &req.model, req.version, &reason, None)
+            .await
+    }
+
+    /// Step 1 destroys the wrapped DEK (with the grants and a revocation, in one transaction),
+    /// step 2 deletes the blobs; a crash between them is finished at the next start.
+    async fn apply_remove(
+        &self,
+        rid: &str,
+        actor: Actor,
+        model: &str,
+        version: u64,
+        reason: &str,
+        approved_by: Option<&[String]>,
+    ) -> Result<RemoveVersionResponse, ApiError> {
+        let v = &self.vault;
+        let rec = v
+            .store
+            .get_version(model, Some(version))
+            .await
+            .map_err(|e| internal(rid, "loading version", e))?
+            .ok_or_else(|| {
+                ApiError::NotFound(format!("model {model} version {version} not found"))
+            })?;
+        // On the record before the key is gone.
+        let mut entry = v.entry(Action::ModelRm, Decision::Info, actor);
+        entry.model = Some(model.to_string());
+        entry.version = Some(version);
+        entry.reason = Some(format!(
+            "destroy version id {}: wrapped DEK (kek {}), grants, then blobs{}{}",
+            hex::encode(rec.version_id),
+            rec.kek_version,
+            if reason.is_empty() {
+                String::new()
+            } else {
+                format!("; reason: {reason}")
+            },
+            approved_suffix(approved_by)
+        ));
+        v.record(rid, entry).await?;
+        let why = if reason.is_empty() {
+            "model version destroyed".to_string()
+        } else {
+            format!("model version destroyed: {reason}")
+        };
+        let gone = v
+            .store
+            .destroy_version(model, version, v.now(), &why)
+            .await
+            .map_err(|e| internal(rid, "destroying version", e))?
+            .ok_or_else(|| {
+                ApiError::NotFound(format!("model {model} version {version} not found"))
+            })?;
+        tracing::info!(request_id = rid, model, version, version_id = %hex::encode(gone.version_id), "wrapped DEK destroyed");
+        collect_destroyed(v, &gone.version_id).await;
+        Ok(RemoveVersionResponse {
+            version_id: hex::encode(gone.version_id),
+            grants_revoked: gone.grants_revoked,
+            proposal_id: String::new(),
+        })
+    }
+
+    async fn rotate(&self, rid: &str, actor: Actor) -> Result<RotateKeysResponse, ApiError> {
+        if gated(&self.vault, "keys_rotate") {
+            let p = self
+                .propose(rid, &actor, "keys_rotate", "{}".into())
+                .await?;
+            return Ok(RotateKeysResponse {
+                proposal_id: p.id,
+                ..Default::default()
+            });
+        }
+        self.apply_rotate(rid, actor, None).await
+    }
+
+    async fn apply_rotate(
+        &self,
+        rid: &str,
+        actor: Actor,
+        approved_by: Option<&[String]>,
+    ) -> Result<RotateKeysResponse, ApiError> {
+        let v = &self.vault;
+        // Held until the new KEK is stored: no root rekey or other rotation in between.
+        let run = v.keys.begin_rotation().ok_or_else(|| {
+            ApiError::FailedPrecondition(
+                "a key rotation or root rekey is running; follow it with `weightvault keys status`"
+                    .into(),
+            )
+        })?;
+        let next = v
+            .keys
+            .next_kek_version(v.store.as_ref())
+            .await
+            .map_err(|e| internal(rid, "next KEK version", e))?;
+        let status = key_status(v)
+            .await
+            .map_err(|e| internal(rid, "counting DEKs", e))?;
+        // On the record before the new KEK exists.
+        let mut entry = v.entry(Action::KeyRotate, Decision::Info, actor);
+        entry.reason = Some(format!(
+            "kek version {next} created and active; {} DEKs to re-wrap{}",
+            status.total,
+            approved_suffix(approved_by)
+        ));
+        v.record(rid, entry).await?;
+        v.keys
+            .add_kek(v.store.as_ref(), next, v.now())
+            .await
+            .map_err(|e| match e {
+                KeyError::Store(StoreError::Conflict(_)) => ApiError::FailedPrecondition(
+                    "another rotation created that KEK version meanwhile; retry".into(),
+                ),
+                e => internal(rid, "creating KEK", e),
+            })?;
+        drop(run);
+        spawn_rotation(v.clone());
+        Ok(RotateKeysResponse {
+            kek_version: next,
+            pending: status.total,
+            proposal_id: String::new(),
+        })
+    }
+}
+
+/// Deletes a destroyed version's blobs (crypto-shredding step 2); on failure the next start
+/// retries.
+pub async fn collect_destroyed(v: &Vault, version_id: &[u8; 16]) {
+    match v.blobs.delete_prefix(&version_prefix(version_id)).await {
+        Ok(()) => {
+            if let Err(e) = v.store.blobs_collected(version_id).await {
+                tracing::warn!(error = %e, "recording deleted blobs; retried at restart");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "deleting the blobs of a destroyed version; retried at restart")
+        }
+    }
+}
+
+/// How many DEKs each KEK version wraps.
+pub async fn key_status(v: &Vault) -> Result<KeyStatus, StoreError> {
+    let active = v.keys.active_kek_version();
+    let mut counts: std::collections::BTreeMap<u32, u64> = std::collections::BTreeMap::new();
+    let mut total = 0;
+    for m in v.store.list_models().await? {
+        for ver in v.store.versions(&m.name).await? {
+            *counts.entry(ver.kek_version).or_default() += 1;
+            total += 1;
+        }
+    }
+    let keks = v
+        .store
+        .keks()
+        .await?
+        .into_iter()
+        .map(|k| KekInfo {
+            version: k.version,
+            created_ms: k.created_ms,
+            deks: counts.get(&k.version).copied().unwrap_or(0),
+            active: k.version == active,
+        })
+        .collect();
+    Ok(KeyStatus {
+        active_kek_version: active,
+        keks,
+        pending: total - counts.get(&active).copied().unwrap_or(0),
+        total,
+        running: v.keys.rotation_running(),
+    })
+}
+
+/// Runs a re-wrap pass in the background (after `keys rotate`, and at start when a previous
+/// rotation did not finish).
+pub fn spawn_rotation(vault: Arc<Vault>) {
+    tokio::spawn(async move {
+        if let Err(e) = rotation_pass(&vault).await {
+            tracing::error!(error = %e, "key rotation stopped; it resumes at the next start or `keys rotate`");
+        }
+    });
+}
+
+/// Moves every DEK under the active KEK (compare and swap per version, so a crash or a second
+/// replica never loses one), then retires every older KEK that wraps nothing.
+async fn rotation_pass(v: &Vault) -> Result<(), String> {
+    let Some(_run) = v.keys.begin_rotation() else {
+        return Ok(());
+    };
+    let rid = request_id();
+    for _ in 0..8 {
+        let target = v.keys.active_kek_version();
+        let models = v.store.list_models().await.map_err(|e| e.to_string())?;
+        for m in models {
+            for ver in v.store.versions(&m.name).await.map_err(|e| e.to_string())? {
+                if v.shutdown.is_cancelled() {
+                    return Ok(());
+                }
+                let Some((to, wrapped)) = v.keys.rewrap(&ver).map_err(|e| e.to_string())? else {
+                    continue;
+                };
+                let moved = v
+                    .store
+                    .rewrap_dek(&ver.version_id, ver.kek_version, to, &wrapped)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if moved {
+                    let mut e = v.entry(Action::KeyRewrap, Decision::Info, Actor::system());
+                    e.model = Some(ver.model.clone());
+                    e.version = Some(ver.version);
+                    e.reason = Some(format!(
+                        "dek re-wrapped from kek {} to kek {to}",
+                        ver.kek_version
+                    ));
+                    v.record(&rid, e)
+                        .await
+                        .map_err(|e| e.reason().to_string())?;
+                }
+            }
+        }
+        let mut left = false;
+        for k in v.keys.kek_versions() {
+            if k >= target {
+                continue;
+            }
+            if v.keys
+                .retire(v.store.as_ref(), k)
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                let mut e = v.entry(Action::KeyRetire, Decision::Info, Actor::system());
+                e.reason = Some(format!("kek version {k} retired: it wraps no DEK"));
+                v.record(&rid, e)
+                    .await
+                    .map_err(|e| e.reason().to_string())?;
+            } else {
+                left = true;
+            }
+        }
+        if !left {
+            return Ok(());
+        }
+    }
+    Err("DEKs kept appearing under old KEKs; gave up after 8 passes".into())
 }
 
 fn rule_payload(rule: &AccessRule) -> String {
@@ -1029,6 +1397,50 @@ impl AdminService for AdminApi {
             .await
             .map(|p| Response::new(proposal_pb(p, self.vault.now())))
             .map_err(|e| e.into_status(&rid))
+    }
+
+    async fn remove_version(
+        &self,
+        req: Request<RemoveVersionRequest>,
+    ) -> Result<Response<RemoveVersionResponse>, Status> {
+        let rid = request_id();
+        let actor = self
+            .vault
+            .authorize(&req, Role::Admin, "remove_version", &rid)
+            .await?;
+        self.remove_version(&rid, actor, req.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(|e| e.into_status(&rid))
+    }
+
+    async fn rotate_keys(
+        &self,
+        req: Request<RotateKeysRequest>,
+    ) -> Result<Response<RotateKeysResponse>, Status> {
+        let rid = request_id();
+        let actor = self
+            .vault
+            .authorize(&req, Role::Admin, "rotate_keys", &rid)
+            .await?;
+        self.rotate(&rid, actor)
+            .await
+            .map(Response::new)
+            .map_err(|e| e.into_status(&rid))
+    }
+
+    async fn get_key_status(
+        &self,
+        req: Request<GetKeyStatusRequest>,
+    ) -> Result<Response<KeyStatus>, Status> {
+        let rid = request_id();
+        self.vault
+            .authorize(&req, Role::Admin, "get_key_status", &rid)
+            .await?;
+        key_status(&self.vault)
+            .await
+            .map(Response::new)
+            .map_err(|e| internal(&rid, "key status", e).into_status(&rid))
     }
 
     async fn reject_proposal(

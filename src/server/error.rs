@@ -41,6 +41,21 @@ impl ApiError {
         }
     }
 
+    /// A fixed word per kind of refusal, for metric labels (never the free-text reason).
+    pub fn metric_reason(&self) -> &'static str {
+        match self {
+            ApiError::Unauthenticated(_) => "unauthenticated",
+            ApiError::PermissionDenied(_) => "permission_denied",
+            ApiError::InvalidArgument(_) => "invalid_argument",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::OutOfRange(_) => "out_of_range",
+            ApiError::FailedPrecondition(_) => "failed_precondition",
+            ApiError::ResourceExhausted(_) => "resource_exhausted",
+            ApiError::AuditUnavailable => "audit_unavailable",
+            ApiError::Internal => "internal",
+        }
+    }
+
     pub fn reason(&self) -> &str {
         match self {
             ApiError::Unauthenticated(r)

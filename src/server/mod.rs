@@ -7,7 +7,10 @@ pub mod audit;
 pub mod auth;
 pub mod budget;
 pub mod error;
+pub mod health;
+pub mod metrics;
 pub mod node;
+pub mod operator;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -21,11 +24,12 @@ use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use crate::attest::{TeeKind, Verifier};
 use crate::audit::entry::ActorKind;
 use crate::audit::{Action, Actor, AuditEntry, Decision, Sequencer};
-use crate::config::{Config, SealConfig};
-use crate::keys::{KeyRing, seal};
+use crate::config::Config;
+use crate::keys::{KeyRing, RootKey};
 use crate::proto::v1::admin_service_server::AdminServiceServer;
 use crate::proto::v1::audit_service_server::AuditServiceServer;
 use crate::proto::v1::node_service_server::NodeServiceServer;
+use crate::proto::v1::operator_service_server::OperatorServiceServer;
 use crate::store::local::LocalBlobs;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{BlobStore, MetadataStore, version_prefix};
@@ -77,6 +81,11 @@ pub struct Vault {
     pub approvals: crate::config::ApprovalsConfig,
     /// Cancelled when the server shuts down; endless streams (audit tail) end on it.
     pub shutdown: CancellationToken,
+    /// What grpc.health.v1 reports (sealed, audit log failed, stopping).
+    pub serving: health::ServingState,
+    /// FetchWeights streams sending at once (`node::stream_slots`): server memory stays bounded
+    /// however many nodes fetch.
+    pub stream_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Vault {
@@ -91,10 +100,14 @@ impl Vault {
         mut entry: AuditEntry,
     ) -> Result<crate::audit::AuditDurable, error::ApiError> {
         entry.request_id = Some(request_id.to_string());
-        self.audit.append(&entry).await.map_err(|e| {
+        let started = std::time::Instant::now();
+        let durable = self.audit.append(&entry).await.map_err(|e| {
             tracing::error!(request_id, error = %e, "audit append failed; refusing");
+            self.serving.set_audit_failed();
             error::ApiError::AuditUnavailable
-        })
+        })?;
+        metrics::audit_appended(started.elapsed());
+        Ok(durable)
     }
 
     /// The one authorization check of admin and auditor calls: the caller's certificate must
@@ -143,13 +156,17 @@ pub fn request_id() -> String {
 /// A running vault.
 pub struct RunningServer {
     pub local_addr: SocketAddr,
+    /// Where `/metrics` and plaintext health listen (`[ops] listen`), if enabled.
+    pub ops_addr: Option<SocketAddr>,
+    serving: health::ServingState,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), ServerError>>,
-    audit: Sequencer,
-    clock: SharedClock,
-    sequencer_task: tokio::task::JoinHandle<()>,
-    /// Held for the server's lifetime: one vault per data directory.
-    _lock: std::fs::File,
+    /// The vault once unsealed (no audit log before that).
+    unlocked: operator::VaultCell,
+    inputs: Arc<UnlockInputs>,
+    _control: Arc<operator::SealControl>,
+    /// Held for the server's lifetime: one vault per data directory (embedded store only).
+    _lock: Option<std::fs::File>,
 }
 
 impl RunningServer {
@@ -169,6 +186,7 @@ impl RunningServer {
         let result = tokio::select! {
             r = &mut self.task => joined(r),
             _ = self.shutdown.cancelled() => {
+                self.serving.set_stopping();
                 match tokio::time::timeout(DRAIN_DEADLINE, &mut self.task).await {
                     Ok(r) => joined(r),
                     Err(_) => {
@@ -179,9 +197,13 @@ impl RunningServer {
                 }
             }
         };
-        // The last entry and the final checkpoint, then the sequencer stops.
+        // The last entry and the final checkpoint, then the sequencer stops. A vault that
+        // never unsealed has no log to write.
+        let Some(vault) = self.unlocked.get() else {
+            return result;
+        };
         let mut stop = AuditEntry::new(
-            self.clock.now_ms(),
+            vault.now(),
             Action::ServerStop,
             Decision::Info,
             Actor::system(),
@@ -190,17 +212,130 @@ impl RunningServer {
             Ok(()) => "shutdown".to_string(),
             Err(e) => format!("server failed: {e}"),
         });
-        if let Err(e) = self.audit.append(&stop).await {
+        if let Err(e) = vault.audit.append(&stop).await {
             tracing::error!(error = %e, "could not record the shutdown");
         }
-        self.audit.close().await;
-        let _ = self.sequencer_task.await;
+        vault.audit.close().await;
+        let task = self
+            .inputs
+            .sequencer_task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(t) = task {
+            let _ = t.await;
+        }
         result
     }
 
     pub fn shutdown_token(&self) -> CancellationToken {
         self.shutdown.clone()
     }
+
+    /// Whether this vault's audit sequencer holds the lease for the log's background duties
+    /// (with replicas, exactly one live replica does once the previous holder's lease expired).
+    pub fn holds_audit_lease(&self) -> bool {
+        self.unlocked.get().is_some_and(|v| v.audit.holds_lease())
+    }
+
+    /// Stops at once, as a crash would: no drain, no `server_stop` entry, no final checkpoint,
+    /// the sequencer lease left to expire. For failure tests.
+    pub fn abort(self) {
+        self.shutdown.cancel();
+        self.task.abort();
+        if let Some(t) = self
+            .inputs
+            .sequencer_task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            t.abort();
+        }
+    }
+}
+
+/// With replicas, an upload that has not committed after this long is taken for interrupted.
+pub const SHARED_UPLOAD_MAX_AGE_MS: u64 = 24 * 3600 * 1000;
+
+/// Opens the configured backends: PostgreSQL and S3 when `storage.metadata` / `storage.blobs`
+/// name them, else the embedded SQLite file and blob directory in `data_dir`. The embedded
+/// metadata store also takes the data directory's LOCK (one vault per directory).
+async fn open_storage(
+    cfg: &Config,
+) -> Result<
+    (
+        Arc<dyn MetadataStore>,
+        Arc<dyn BlobStore>,
+        Option<std::fs::File>,
+    ),
+    ServerError,
+> {
+    let io = |e| ServerError::Store(crate::store::StoreError::Io(e));
+    let embedded = cfg.storage.metadata.is_none() || cfg.storage.blobs.is_none();
+    if embedded {
+        std::fs::create_dir_all(&cfg.data_dir).map_err(io)?;
+    }
+    let (store, lock): (Arc<dyn MetadataStore>, _) = match &cfg.storage.metadata {
+        Some(url) => (
+            Arc::new(crate::store::postgres::PgStore::open(url).await?),
+            None,
+        ),
+        None => {
+            // Two vaults on one SQLite file would interleave the audit log: refuse the second.
+            let lock_path = cfg.data_dir.join("LOCK");
+            let lock = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&lock_path)
+                .map_err(io)?;
+            lock.try_lock().map_err(|_| {
+                ServerError::Config(format!(
+                    "data directory {} is in use by another vault (lock on {})",
+                    cfg.data_dir.display(),
+                    lock_path.display()
+                ))
+            })?;
+            (
+                Arc::new(SqliteStore::open(&cfg.data_dir.join("metadata.db")).await?),
+                Some(lock),
+            )
+        }
+    };
+    let blobs: Arc<dyn BlobStore> = match &cfg.storage.blobs {
+        Some(url) => {
+            let (bucket, prefix) = crate::store::s3::parse_url(url).map_err(ServerError::Config)?;
+            let s3 = &cfg.storage.s3;
+            let secret = match &s3.secret_access_key_file {
+                Some(path) => {
+                    let text =
+                        zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
+                            ServerError::Config(format!(
+                                "storage.s3.secret_access_key_file {}: {e}",
+                                path.display()
+                            ))
+                        })?);
+                    Some(zeroize::Zeroizing::new(text.trim_end().to_string()))
+                }
+                None => None,
+            };
+            Arc::new(
+                crate::store::s3::S3Blobs::open(crate::store::s3::S3Options {
+                    bucket,
+                    prefix,
+                    endpoint: s3.endpoint.clone(),
+                    region: s3.region.clone(),
+                    allow_http: s3.allow_http,
+                    access_key_id: s3.access_key_id.clone(),
+                    secret_access_key: secret,
+                })
+                .await?,
+            )
+        }
+        None => Arc::new(LocalBlobs::open(&cfg.data_dir.join("blobs"))?),
+    };
+    Ok((store, blobs, lock))
 }
 
 /// Wraps the metadata store (tests inject faults this way).
@@ -246,33 +381,136 @@ pub async fn start(cfg: &Config, opts: StartOptions) -> Result<RunningServer, Se
         .tls_config(tls)
         .map_err(|e| ServerError::Tls(format!("server certificate, key or client CA: {e}")))?;
 
-    std::fs::create_dir_all(&cfg.data_dir)
-        .map_err(|e| ServerError::Store(crate::store::StoreError::Io(e)))?;
-    // Two vaults on one data directory would interleave the audit log: refuse the second.
-    let lock_path = cfg.data_dir.join("LOCK");
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(|e| ServerError::Store(crate::store::StoreError::Io(e)))?;
-    lock.try_lock().map_err(|_| {
-        ServerError::Config(format!(
-            "data directory {} is in use by another vault (lock on {})",
-            cfg.data_dir.display(),
-            lock_path.display()
-        ))
-    })?;
-    let mut store: Arc<dyn MetadataStore> =
-        Arc::new(SqliteStore::open(&cfg.data_dir.join("metadata.db")).await?);
+    let (mut store, blobs, lock) = open_storage(cfg).await?;
     if let Some(wrap) = opts.wrap_store {
         store = wrap(store);
     }
-    let blobs: Arc<dyn BlobStore> = Arc::new(LocalBlobs::open(&cfg.data_dir.join("blobs"))?);
-    let root = match &cfg.seal {
-        SealConfig::File { path, create } => seal::load_file_root_key(path, *create)?,
-    };
     let clock = opts.clock;
+    // Memory hygiene: no core dumps of a process that will hold keys.
+    crate::keys::locked::harden_process();
+    let boot = crate::keys::boot::boot(&cfg.seal, store.as_ref(), clock.now_ms()).await?;
+    let shutdown = CancellationToken::new();
+    let serving = health::ServingState::new();
+    let inputs = Arc::new(UnlockInputs {
+        cfg: cfg.clone(),
+        store,
+        blobs,
+        clock,
+        shutdown: shutdown.clone(),
+        serving: serving.clone(),
+        sequencer_task: std::sync::Mutex::new(None),
+    });
+    // Set once the root key is in: at once for the file and pkcs11 seals, at the unseal for
+    // shamir. Until then every service but OperatorService and health answers UNAVAILABLE.
+    let unlocked: operator::VaultCell = Arc::default();
+    let control = operator::SealControl::start(inputs.clone(), unlocked.clone(), boot).await?;
+
+    let addr = opts.listen.unwrap_or(cfg.listen);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr, source })?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|source| ServerError::Bind { addr, source })?;
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+
+    metrics::install();
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    serving.publish(&reporter).await;
+    let health_task = {
+        let cell = unlocked.clone();
+        serving.spawn_reporter(
+            reporter.clone(),
+            move || cell.get().is_some_and(|v| v.audit.is_failed()),
+            shutdown.clone(),
+        )
+    };
+    let ops_addr = match cfg.ops.listen {
+        Some(addr) => {
+            let ops_health = tonic_health::pb::health_server::HealthServer::new(
+                tonic_health::server::HealthService::from_health_reporter(reporter),
+            );
+            let (addr, _task) =
+                metrics::serve_ops(addr, ops_health, serving.clone(), shutdown.clone()).await?;
+            Some(addr)
+        }
+        None => None,
+    };
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| ServerError::Config(format!("reflection descriptors: {e}")))?;
+    let router = builder
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .add_service(operator::Gated::new(unlocked.clone(), |v| {
+            NodeServiceServer::new(node::NodeApi::new(v)).max_encoding_message_size(MAX_MESSAGE)
+        }))
+        .add_service(operator::Gated::new(unlocked.clone(), |v| {
+            AdminServiceServer::new(admin::AdminApi::new(v)).max_decoding_message_size(MAX_MESSAGE)
+        }))
+        .add_service(operator::Gated::new(unlocked.clone(), |v| {
+            AuditServiceServer::new(audit::AuditApi::new(v))
+        }))
+        .add_service(OperatorServiceServer::new(operator::OperatorApi::new(
+            control.clone(),
+        )))
+        .add_service(health_service)
+        .add_service(reflection);
+    let token = shutdown.clone();
+    let task = tokio::spawn(async move {
+        let r = router
+            .serve_with_incoming_shutdown(incoming, token.cancelled_owned())
+            .await;
+        health_task.abort();
+        r.map_err(ServerError::from)
+    });
+    tracing::info!(%local_addr, "weightvault listening");
+    Ok(RunningServer {
+        local_addr,
+        ops_addr,
+        serving,
+        shutdown,
+        task,
+        unlocked,
+        inputs,
+        _control: control,
+        _lock: lock,
+    })
+}
+
+/// What [`unlock`] needs, kept from [`start`] until the root key is in.
+pub struct UnlockInputs {
+    pub cfg: Config,
+    pub store: Arc<dyn MetadataStore>,
+    pub blobs: Arc<dyn BlobStore>,
+    pub clock: SharedClock,
+    pub shutdown: CancellationToken,
+    pub serving: health::ServingState,
+    sequencer_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// Start-up steps 3 to 7 (docs/architecture.md): opens the key ring with the root key, starts
+/// the audit sequencer, appends `notes` (seal events that waited for the log), and makes the
+/// vault serve. Runs once: during [`start`] for the file and pkcs11 seals, at the unseal for
+/// shamir (`operator::SealControl`). The caller's root key is dropped (wiped) here.
+pub(crate) async fn unlock(
+    u: &UnlockInputs,
+    cell: &operator::VaultCell,
+    root: RootKey,
+    notes: Vec<AuditEntry>,
+) -> Result<Arc<Vault>, ServerError> {
+    if cell.get().is_some() {
+        return Err(ServerError::Config("the vault is already unsealed".into()));
+    }
+    let cfg = &u.cfg;
+    let store = u.store.clone();
+    let blobs = u.blobs.clone();
+    let clock = u.clock.clone();
+    let shutdown = u.shutdown.clone();
+    let serving = u.serving.clone();
     let (mut keys, created) = KeyRing::open(&root, store.as_ref(), clock.now_ms()).await?;
     drop(root);
     let log_key = keys.take_log_key().expect("log key present after open");
@@ -292,6 +530,11 @@ pub async fn start(cfg: &Config, opts: StartOptions) -> Result<RunningServer, Se
         crate::audit::sequencer::SequencerOptions {
             checkpoint_interval: Duration::from_millis(cfg.audit.checkpoint_interval_ms),
             heartbeat_interval: Duration::from_secs(cfg.audit.heartbeat_secs),
+            // Replicas share the log: one of them holds the lease for the background duties.
+            lease: cfg
+                .storage
+                .is_shared()
+                .then(|| Duration::from_secs(cfg.audit.lease_secs)),
         },
     )
     .await?;
@@ -327,11 +570,36 @@ pub async fn start(cfg: &Config, opts: StartOptions) -> Result<RunningServer, Se
             .await?;
     }
 
-    // Uploads a crash interrupted never became visible; collect their blobs.
-    for id in store.pending_uploads().await? {
+    // Seal events (init, migration, unseal attempts) that waited for the log to be writable.
+    for n in &notes {
+        audit.append(n).await?;
+    }
+
+    // Uploads a crash interrupted never became visible; collect their blobs. With replicas,
+    // an upload in progress may belong to a live replica: only those older than a day count.
+    let interrupted = if cfg.storage.is_shared() {
+        store
+            .pending_uploads_before(clock.now_ms().saturating_sub(SHARED_UPLOAD_MAX_AGE_MS))
+            .await?
+    } else {
+        store.pending_uploads().await?
+    };
+    for id in interrupted {
         blobs.delete_prefix(&version_prefix(&id)).await?;
         store.end_upload(&id).await?;
         tracing::info!(upload = %hex::encode(id), "removed an interrupted upload");
+    }
+    // Versions destroyed just before a crash: their DEK is already gone (crypto-shredding step 1);
+    // finish step 2. Not a security decision, so a backend without it only warns.
+    match store.destroyed_pending_blobs().await {
+        Ok(ids) => {
+            for id in ids {
+                blobs.delete_prefix(&version_prefix(&id)).await?;
+                store.blobs_collected(&id).await?;
+                tracing::info!(version = %hex::encode(id), "removed the blobs of a destroyed version");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "collecting blobs of destroyed versions"),
     }
 
     let verifiers: HashMap<TeeKind, Box<dyn Verifier>> = cfg
@@ -364,7 +632,6 @@ pub async fn start(cfg: &Config, opts: StartOptions) -> Result<RunningServer, Se
     }
     audit.append(&start_entry).await?;
 
-    let shutdown = CancellationToken::new();
     let vault = Arc::new(Vault {
         store,
         blobs,
@@ -376,50 +643,43 @@ pub async fn start(cfg: &Config, opts: StartOptions) -> Result<RunningServer, Se
         grant_ttl_ms: cfg.grants.ttl_secs.saturating_mul(1000),
         chunk_size: cfg.storage.chunk_size,
         shutdown: shutdown.clone(),
+        serving: serving.clone(),
         budgets: budget::Budgets::new(cfg.budgets.clone()),
         approvals: cfg.approvals.clone(),
+        stream_slots: Arc::new(tokio::sync::Semaphore::new(node::stream_slots(
+            cfg.storage.chunk_size,
+        ))),
     });
 
-    let addr = opts.listen.unwrap_or(cfg.listen);
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServerError::Bind { addr, source })?;
-    let local_addr = listener
-        .local_addr()
-        .map_err(|source| ServerError::Bind { addr, source })?;
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    // A KEK rotation that a crash or shutdown interrupted resumes (docs/keys.md).
+    if vault.keys.kek_versions().len() > 1 {
+        admin::spawn_rotation(vault.clone());
+    }
+    // Both end on the shutdown token.
+    spawn_purger(vault.clone(), shutdown.clone());
+    spawn_tree_size_gauge(vault.audit.size(), shutdown.clone());
+    *u.sequencer_task.lock().unwrap_or_else(|p| p.into_inner()) = Some(sequencer_task);
+    if cell.set(vault.clone()).is_err() {
+        return Err(ServerError::Config("the vault is already unsealed".into()));
+    }
+    serving.set_sealed(false);
+    tracing::info!("vault unsealed: key ring open, audit log writable");
+    Ok(vault)
+}
 
-    let purge = spawn_purger(vault.clone(), shutdown.clone());
-    let router = builder
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(MAX_FRAME)
-        .add_service(
-            NodeServiceServer::new(node::NodeApi::new(vault.clone()))
-                .max_encoding_message_size(MAX_MESSAGE),
-        )
-        .add_service(
-            AdminServiceServer::new(admin::AdminApi::new(vault.clone()))
-                .max_decoding_message_size(MAX_MESSAGE),
-        )
-        .add_service(AuditServiceServer::new(audit::AuditApi::new(vault.clone())));
-    let token = shutdown.clone();
-    let task = tokio::spawn(async move {
-        let r = router
-            .serve_with_incoming_shutdown(incoming, token.cancelled_owned())
-            .await;
-        purge.abort();
-        r.map_err(ServerError::from)
-    });
-    tracing::info!(%local_addr, "weightvault listening");
-    Ok(RunningServer {
-        local_addr,
-        shutdown,
-        task,
-        audit: vault.audit.clone(),
-        clock: vault.clock.clone(),
-        sequencer_task,
-        _lock: lock,
+/// Mirrors the audit tree size into its gauge.
+fn spawn_tree_size_gauge(
+    mut size: tokio::sync::watch::Receiver<u64>,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            metrics::audit_tree_size(*size.borrow_and_update());
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = size.changed() => if r.is_err() { return },
+            }
+        }
     })
 }
 
@@ -459,4 +719,35 @@ pub fn check_model_name(name: &str) -> Result<(), error::ApiError> {
                 .into(),
         ))
     }
+}
+
+/// Everything [`start`] would refuse about `cfg` that [`Config::load`] cannot see (TLS material
+/// that does not parse, attestation policies or roots that do not build), checked without
+/// opening the store, binding a port or creating a file. `weightvault config check` prints it.
+pub fn preflight(cfg: &Config) -> Vec<String> {
+    let mut problems = Vec::new();
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    match (
+        read(&cfg.tls.cert),
+        read(&cfg.tls.key),
+        read(&cfg.tls.client_ca),
+    ) {
+        (Ok(cert), Ok(key), Ok(ca)) => {
+            let tls = ServerTlsConfig::new()
+                .identity(Identity::from_pem(cert, key))
+                .client_ca_root(Certificate::from_pem(ca));
+            if let Err(e) = tonic::transport::Server::builder().tls_config(tls) {
+                problems.push(format!("tls: server certificate, key or client CA: {e}"));
+            }
+        }
+        (a, b, c) => {
+            for e in [a.err(), b.err(), c.err()].into_iter().flatten() {
+                problems.push(format!("tls: {e}"));
+            }
+        }
+    }
+    if let Err(e) = cfg.attest.enabled_verifiers() {
+        problems.push(format!("attestation policy: {e}"));
+    }
+    problems
 }

@@ -139,7 +139,10 @@ impl NodeApi {
             .await;
         };
         let expected = attest::report_data(&nonce, &node_key);
-        let verified = match verifier.verify(&req.evidence, &expected, now) {
+        let started = std::time::Instant::now();
+        let verdict = verifier.verify(&req.evidence, &expected, now);
+        crate::server::metrics::attestation_verified(tee.as_str(), started.elapsed());
+        let verified = match verdict {
             Ok(ok) => ok,
             Err(e) => {
                 tracing::info!(request_id = rid, tee = %tee, reason = %e, simulated = (tee == TeeKind::Sim), "attestation rejected");
@@ -308,12 +311,8 @@ impl NodeApi {
         // Everything that can fail is done before the entry that authorizes the grant.
         let dek = v
             .keys
-            .unwrap_dek(
-                version.kek_version,
-                &version.wrapped_dek,
-                &version.model,
-                &version.version_id,
-            )
+            .unwrap_version_dek(v.store.as_ref(), &version)
+            .await
             .map_err(|e| internal(rid, "unwrapping DEK", e))?;
         // Log before release: the grant exists for the node only once this entry is durable.
         let durable = v.record(rid, entry).await?;
@@ -468,8 +467,11 @@ impl NodeApi {
         let rid = rid.to_string();
         let token_hash = token_sha256(&req.session_token);
         tokio::spawn(async move {
+            let _live = crate::server::metrics::LiveStream::start();
             let mut sent: u64 = 0;
             let mut outcome = "complete".to_string();
+            // Bounded server memory: wait for a sending slot (held until the stream ends).
+            let _slot = vault.stream_slots.clone().acquire_owned().await;
             for index in req.first_chunk..end {
                 // Validity is checked per chunk, so expiry stops a stream within one chunk.
                 let live = match vault.store.get_grant(&grant.grant_id).await {
@@ -498,6 +500,7 @@ impl NodeApi {
                 };
                 let len = data.len() as u64;
                 if let Err(scope) = vault.budgets.charge(&grant, grant_limit, len, vault.now()) {
+                    crate::server::metrics::budget_refused(scope.as_str());
                     let why = format!("egress budget of the {} exhausted", scope.as_str());
                     outcome = why.clone();
                     let mut alert = vault.entry(
@@ -518,17 +521,23 @@ impl NodeApi {
                     let _ = tx.send(Err(status)).await;
                     break;
                 }
-                if tx
-                    .send(Ok(WeightChunk {
-                        index,
-                        ciphertext: data,
-                    }))
-                    .await
-                    .is_err()
-                {
-                    outcome = "client went away".into();
-                    break;
+                // A node that stops reading gives its slot back; it can resume the range.
+                let chunk = WeightChunk {
+                    index,
+                    ciphertext: data,
+                };
+                match tokio::time::timeout(SEND_STALL, tx.send(Ok(chunk))).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => {
+                        outcome = "client went away".into();
+                        break;
+                    }
+                    Err(_) => {
+                        outcome = "client stalled; stream ended".into();
+                        break;
+                    }
                 }
+                crate::server::metrics::bytes_served(len);
                 sent += len;
             }
             if let Err(e) = vault.store.add_grant_bytes(&grant.grant_id, sent).await {
@@ -546,6 +555,22 @@ impl NodeApi {
         });
         Ok(rx)
     }
+}
+
+/// Memory the chunks of all FetchWeights streams may hold at once, roughly: each sending stream
+/// has up to four chunks in memory (being read, two queued, one encoded for HTTP/2).
+pub const STREAM_MEMORY_BUDGET: u64 = 32 * 1024 * 1024;
+
+/// How long a stream waits for its node to take the next chunk before it ends (and frees its
+/// slot); the node resumes from the chunk it has not received.
+pub const SEND_STALL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Streams that send at once; the others wait for a slot before their first chunk.
+pub fn stream_slots(chunk_size: u32) -> usize {
+    let per_stream = 4 * (u64::from(chunk_size) + crate::envelope::TAG_LEN as u64);
+    usize::try_from(STREAM_MEMORY_BUDGET / per_stream)
+        .unwrap_or(usize::MAX)
+        .max(2)
 }
 
 fn check_live(grant: &GrantRecord, now: u64) -> Result<(), ApiError> {
@@ -581,7 +606,10 @@ impl NodeService for NodeApi {
         self.attest(&rid, req.into_inner())
             .await
             .map(Response::new)
-            .map_err(|e| e.into_status(&rid))
+            .map_err(|e| {
+                crate::server::metrics::grant_denied("attest", e.metric_reason());
+                e.into_status(&rid)
+            })
     }
 
     async fn request_grant(
@@ -589,10 +617,16 @@ impl NodeService for NodeApi {
         req: Request<RequestGrantRequest>,
     ) -> Result<Response<RequestGrantResponse>, Status> {
         let rid = request_id();
-        self.request_grant(&rid, req.into_inner())
-            .await
-            .map(Response::new)
-            .map_err(|e| e.into_status(&rid))
+        match self.request_grant(&rid, req.into_inner()).await {
+            Ok(r) => {
+                crate::server::metrics::grant_issued();
+                Ok(Response::new(r))
+            }
+            Err(e) => {
+                crate::server::metrics::grant_denied("grant", e.metric_reason());
+                Err(e.into_status(&rid))
+            }
+        }
     }
 
     type FetchWeightsStream = ChunkStream;

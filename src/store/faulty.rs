@@ -2,13 +2,13 @@
 //! every call to the wrapped store unless told to fail.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use async_trait::async_trait;
 
 use super::{
-    AccessRule, CheckpointRecord, GrantRecord, KekRecord, MetadataStore, ModelSummary,
-    ProposalRecord, Revocation, SessionRecord, StoreError, VersionRecord,
+    AccessRule, CheckpointRecord, DestroyedVersion, GrantRecord, KekRecord, MetadataStore,
+    ModelSummary, ProposalRecord, Revocation, SessionRecord, StoreError, VersionRecord,
 };
 use crate::time::UnixMs;
 
@@ -16,6 +16,9 @@ pub struct FaultyStore {
     inner: Arc<dyn MetadataStore>,
     /// While set, every audit append fails as a full or broken disk would.
     pub fail_audit: AtomicBool,
+    /// How many more `rewrap_dek` calls succeed; after that they fail (a KEK rotation that
+    /// stops half way, as a crash would leave it). `u64::MAX` = never fail.
+    pub rewraps_left: AtomicU64,
 }
 
 impl FaultyStore {
@@ -23,6 +26,7 @@ impl FaultyStore {
         Self {
             inner,
             fail_audit: AtomicBool::new(false),
+            rewraps_left: AtomicU64::new(u64::MAX),
         }
     }
 }
@@ -86,6 +90,21 @@ impl MetadataStore for FaultyStore {
 
     async fn pending_uploads(&self) -> Result<Vec<[u8; 16]>, StoreError> {
         self.inner.pending_uploads().await
+    }
+
+    async fn pending_uploads_before(
+        &self,
+        started_before: UnixMs,
+    ) -> Result<Vec<[u8; 16]>, StoreError> {
+        self.inner.pending_uploads_before(started_before).await
+    }
+
+    async fn audit_lease(&self, holder: &str, ttl_ms: u64) -> Result<bool, StoreError> {
+        self.inner.audit_lease(holder, ttl_ms).await
+    }
+
+    async fn change_root_material(&self, change: &super::RootChange) -> Result<(), StoreError> {
+        self.inner.change_root_material(change).await
     }
 
     async fn next_version(&self, model: &str) -> Result<u64, StoreError> {
@@ -210,5 +229,50 @@ impl MetadataStore for FaultyStore {
 
     async fn add_grant_bytes(&self, grant_id: &str, bytes: u64) -> Result<(), StoreError> {
         self.inner.add_grant_bytes(grant_id, bytes).await
+    }
+
+    async fn destroy_version(
+        &self,
+        model: &str,
+        version: u64,
+        now: UnixMs,
+        reason: &str,
+    ) -> Result<Option<DestroyedVersion>, StoreError> {
+        self.inner
+            .destroy_version(model, version, now, reason)
+            .await
+    }
+
+    async fn destroyed_pending_blobs(&self) -> Result<Vec<[u8; 16]>, StoreError> {
+        self.inner.destroyed_pending_blobs().await
+    }
+
+    async fn blobs_collected(&self, version_id: &[u8; 16]) -> Result<(), StoreError> {
+        self.inner.blobs_collected(version_id).await
+    }
+
+    async fn rewrap_dek(
+        &self,
+        version_id: &[u8; 16],
+        from_kek: u32,
+        to_kek: u32,
+        wrapped: &[u8],
+    ) -> Result<bool, StoreError> {
+        let left = self.rewraps_left.load(Ordering::SeqCst);
+        if left == 0 {
+            return Err(StoreError::Io(std::io::Error::other(
+                "injected fault: rewrap fails",
+            )));
+        }
+        if left != u64::MAX {
+            self.rewraps_left.store(left - 1, Ordering::SeqCst);
+        }
+        self.inner
+            .rewrap_dek(version_id, from_kek, to_kek, wrapped)
+            .await
+    }
+
+    async fn retire_kek(&self, version: u32) -> Result<bool, StoreError> {
+        self.inner.retire_kek(version).await
     }
 }

@@ -5,6 +5,8 @@
 
 pub mod faulty;
 pub mod local;
+pub mod postgres;
+pub mod s3;
 pub mod sqlite;
 
 use async_trait::async_trait;
@@ -34,6 +36,15 @@ pub struct KekRecord {
     pub version: u32,
     pub wrapped: Vec<u8>,
     pub created_ms: UnixMs,
+}
+
+/// See [`MetadataStore::change_root_material`].
+#[derive(Debug, Clone, Default)]
+pub struct RootChange {
+    pub keks: Option<Vec<KekRecord>>,
+    pub expect: Vec<(String, Option<Vec<u8>>)>,
+    pub put: Vec<(String, Vec<u8>)>,
+    pub delete: Vec<String>,
 }
 
 /// An immutable model version as committed.
@@ -150,6 +161,17 @@ pub struct GrantRecord {
     pub bytes_served: u64,
 }
 
+/// A model version whose wrapped DEK was destroyed (crypto-shredding, docs/keys.md).
+#[derive(Debug, Clone)]
+pub struct DestroyedVersion {
+    pub model: String,
+    pub version: u64,
+    pub version_id: [u8; 16],
+    pub destroyed_ms: UnixMs,
+    /// Grants of the version this destruction invalidated.
+    pub grants_revoked: u64,
+}
+
 /// A signed checkpoint of the audit log: the tree `root` over its first `size` entries, and the
 /// C2SP signed note that commits to it.
 #[derive(Debug, Clone)]
@@ -180,6 +202,12 @@ pub trait MetadataStore: Send + Sync + 'static {
     ) -> Result<Vec<(u64, Vec<u8>)>, StoreError>;
     /// Number of entries in the audit sequence.
     async fn audit_size(&self) -> Result<u64, StoreError>;
+    /// Takes or renews the audit sequencer's lease for `holder` for `ttl_ms` milliseconds
+    /// (measured by the backend's clock); returns whether `holder` now holds it. Nobody else
+    /// gets it until it expires or its holder calls again with `ttl_ms = 0`, which releases it
+    /// (and returns `false`). Used only when several replicas share the store: the holder
+    /// writes heartbeats and periodic checkpoints (docs/architecture.md, Scale-out).
+    async fn audit_lease(&self, holder: &str, ttl_ms: u64) -> Result<bool, StoreError>;
 
     async fn keks(&self) -> Result<Vec<KekRecord>, StoreError>;
     /// `Conflict` if that KEK version exists.
@@ -192,6 +220,13 @@ pub trait MetadataStore: Send + Sync + 'static {
         name: &str,
         wrapped: &[u8],
     ) -> Result<bool, StoreError>;
+    /// One atomic change of what the root key protects (seal init, rekey, seal migration;
+    /// `keys::rekey`). Checks first, all in one transaction: each `expect` name must hold exactly
+    /// that value (`None`: absent), and when `keks` is `Some` the stored KEK versions must be
+    /// exactly those given. Any mismatch is `Conflict` and changes nothing. Then each given KEK's
+    /// `wrapped` replaces the stored one, `put` secrets are stored (replacing) and `delete`
+    /// secrets removed. Durable on return; a crash leaves either the old or the new state.
+    async fn change_root_material(&self, change: &RootChange) -> Result<(), StoreError>;
 
     /// Records an upload in progress, so its blobs can be collected if it never commits.
     async fn begin_upload(
@@ -204,6 +239,12 @@ pub trait MetadataStore: Send + Sync + 'static {
     async fn end_upload(&self, upload_id: &[u8; 16]) -> Result<(), StoreError>;
     /// Every upload that has not committed (at startup: uploads a crash interrupted).
     async fn pending_uploads(&self) -> Result<Vec<[u8; 16]>, StoreError>;
+    /// The uploads that have not committed and started before `started_before`. With replicas
+    /// an upload may belong to another live replica, so only old ones are collected at start.
+    async fn pending_uploads_before(
+        &self,
+        started_before: UnixMs,
+    ) -> Result<Vec<[u8; 16]>, StoreError>;
     /// The number the next version of `model` would get.
     async fn next_version(&self, model: &str) -> Result<u64, StoreError>;
     /// Makes a version visible and forgets its upload, atomically. `Conflict` if that version
@@ -272,6 +313,37 @@ pub trait MetadataStore: Send + Sync + 'static {
     async fn get_grant(&self, grant_id: &str) -> Result<Option<GrantRecord>, StoreError>;
     /// Adds to the bytes a grant has served.
     async fn add_grant_bytes(&self, grant_id: &str, bytes: u64) -> Result<(), StoreError>;
+
+    /// Crypto-shredding, step 1 (docs/keys.md). In one transaction: deletes the version row and
+    /// with it the only copy of its wrapped DEK, records the version as destroyed with its blobs
+    /// pending collection, adds the revocation `model name@version` (reason `reason`) and marks
+    /// every grant of the version revoked. `None` (and no change) if the version does not exist.
+    /// Durable on return; from then on the version cannot be granted or read, and its number is
+    /// never given to another version (`next_version` counts destroyed versions).
+    async fn destroy_version(
+        &self,
+        model: &str,
+        version: u64,
+        now: UnixMs,
+        reason: &str,
+    ) -> Result<Option<DestroyedVersion>, StoreError>;
+    /// Destroyed versions whose blobs are not deleted yet (after a crash between the two steps
+    /// of a destruction), by version id.
+    async fn destroyed_pending_blobs(&self) -> Result<Vec<[u8; 16]>, StoreError>;
+    /// Records that every blob of a destroyed version is deleted (crypto-shredding, step 2).
+    async fn blobs_collected(&self, _version_id: &[u8; 16]) -> Result<(), StoreError>;
+    /// KEK rotation: replaces the wrapped DEK of the version `version_id` only if it is still
+    /// wrapped by `from_kek` (compare and swap, one atomic write); returns whether it replaced.
+    async fn rewrap_dek(
+        &self,
+        _version_id: &[u8; 16],
+        _from_kek: u32,
+        _to_kek: u32,
+        _wrapped: &[u8],
+    ) -> Result<bool, StoreError>;
+    /// Deletes the wrapped KEK `version` only if no model version's DEK is wrapped by it (one
+    /// atomic statement); returns whether it was deleted.
+    async fn retire_kek(&self, version: u32) -> Result<bool, StoreError>;
 }
 
 /// Blob store contract: immutable objects under `/`-separated keys of `[a-z0-9_-]` segments.

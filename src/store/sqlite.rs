@@ -10,8 +10,9 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 
 use super::{
-    AccessRule, CheckpointRecord, GrantRecord, KekRecord, MetadataStore, ModelSummary,
-    ProposalRecord, Revocation, RevocationKind, SessionRecord, StoreError, VersionRecord,
+    AccessRule, CheckpointRecord, DestroyedVersion, GrantRecord, KekRecord, MetadataStore,
+    ModelSummary, ProposalRecord, Revocation, RevocationKind, SessionRecord, StoreError,
+    VersionRecord,
 };
 use crate::time::UnixMs;
 
@@ -69,6 +70,12 @@ CREATE TABLE proposals (
     id TEXT PRIMARY KEY, operation TEXT NOT NULL, payload TEXT NOT NULL, proposer TEXT NOT NULL,
     approvers TEXT NOT NULL, quorum INTEGER NOT NULL, state TEXT NOT NULL,
     created_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL);
+"#,
+    r#"
+CREATE TABLE destroyed_versions (
+    version_id BLOB PRIMARY KEY, model TEXT NOT NULL, version INTEGER NOT NULL,
+    destroyed_ms INTEGER NOT NULL, blobs_pending INTEGER NOT NULL DEFAULT 1);
+CREATE INDEX versions_by_kek ON versions (kek_version);
 "#,
 ];
 
@@ -241,6 +248,11 @@ impl MetadataStore for SqliteStore {
         Ok(u(n))
     }
 
+    async fn audit_lease(&self, _holder: &str, ttl_ms: u64) -> Result<bool, StoreError> {
+        // One vault per data directory (its LOCK file): the only sequencer always holds it.
+        Ok(ttl_ms > 0)
+    }
+
     async fn keks(&self) -> Result<Vec<KekRecord>, StoreError> {
         let rows = sqlx::query("SELECT version, wrapped, created_ms FROM keks ORDER BY version")
             .fetch_all(&self.pool)
@@ -296,6 +308,52 @@ impl MetadataStore for SqliteStore {
         Ok(r.rows_affected() == 1)
     }
 
+    async fn change_root_material(&self, change: &super::RootChange) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        for (name, want) in &change.expect {
+            let have: Option<Vec<u8>> =
+                sqlx::query_scalar("SELECT wrapped FROM wrapped_secrets WHERE name = ?")
+                    .bind(name)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if have.as_deref() != want.as_deref() {
+                return Err(StoreError::Conflict("root material changed meanwhile"));
+            }
+        }
+        if let Some(keks) = &change.keks {
+            let stored: Vec<i64> = sqlx::query_scalar("SELECT version FROM keks ORDER BY version")
+                .fetch_all(&mut *tx)
+                .await?;
+            let mut given: Vec<i64> = keks.iter().map(|k| i64::from(k.version)).collect();
+            given.sort_unstable();
+            if stored != given {
+                return Err(StoreError::Conflict("the KEK versions changed meanwhile"));
+            }
+            for k in keks {
+                sqlx::query("UPDATE keks SET wrapped = ? WHERE version = ?")
+                    .bind(k.wrapped.as_slice())
+                    .bind(i64::from(k.version))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        for (name, value) in &change.put {
+            sqlx::query("INSERT OR REPLACE INTO wrapped_secrets (name, wrapped) VALUES (?, ?)")
+                .bind(name)
+                .bind(value.as_slice())
+                .execute(&mut *tx)
+                .await?;
+        }
+        for name in &change.delete {
+            sqlx::query("DELETE FROM wrapped_secrets WHERE name = ?")
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     async fn begin_upload(
         &self,
         upload_id: &[u8; 16],
@@ -326,12 +384,27 @@ impl MetadataStore for SqliteStore {
         ids.into_iter().map(|v| fixed(v, "upload_id")).collect()
     }
 
-    async fn next_version(&self, model: &str) -> Result<u64, StoreError> {
-        let max: Option<i64> =
-            sqlx::query_scalar("SELECT MAX(version) FROM versions WHERE model = ?")
-                .bind(model)
-                .fetch_one(&self.pool)
+    async fn pending_uploads_before(
+        &self,
+        started_before: UnixMs,
+    ) -> Result<Vec<[u8; 16]>, StoreError> {
+        let ids: Vec<Vec<u8>> =
+            sqlx::query_scalar("SELECT upload_id FROM uploads WHERE started_ms < ?")
+                .bind(i(started_before))
+                .fetch_all(&self.pool)
                 .await?;
+        ids.into_iter().map(|v| fixed(v, "upload_id")).collect()
+    }
+
+    async fn next_version(&self, model: &str) -> Result<u64, StoreError> {
+        // Destroyed versions count: a version number is never reused for other weights.
+        let max: Option<i64> = sqlx::query_scalar(
+            "SELECT MAX(v) FROM (SELECT MAX(version) AS v FROM versions WHERE model = ?1 \
+             UNION ALL SELECT MAX(version) FROM destroyed_versions WHERE model = ?1)",
+        )
+        .bind(model)
+        .fetch_one(&self.pool)
+        .await?;
         Ok(u(max.unwrap_or(0)) + 1)
     }
 
@@ -764,6 +837,109 @@ impl MetadataStore for SqliteStore {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    async fn destroy_version(
+        &self,
+        model: &str,
+        version: u64,
+        now: UnixMs,
+        reason: &str,
+    ) -> Result<Option<DestroyedVersion>, StoreError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let id: Option<Vec<u8>> = sqlx::query_scalar(
+            "DELETE FROM versions WHERE model = ? AND version = ? RETURNING version_id",
+        )
+        .bind(model)
+        .bind(i(version))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(id) = id else {
+            return Ok(None);
+        };
+        let version_id: [u8; 16] = fixed(id, "version_id")?;
+        sqlx::query(
+            "INSERT INTO destroyed_versions (version_id, model, version, destroyed_ms, blobs_pending) \
+             VALUES (?, ?, ?, ?, 1)",
+        )
+        .bind(version_id.as_slice())
+        .bind(model)
+        .bind(i(version))
+        .bind(i(now))
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT OR REPLACE INTO revocations (kind, value, created_ms, reason) VALUES (?, ?, ?, ?)",
+        )
+        .bind(RevocationKind::Model.as_str())
+        .bind(format!("{model}@{version}"))
+        .bind(i(now))
+        .bind(reason)
+        .execute(&mut *tx)
+        .await?;
+        let grants_revoked = sqlx::query(
+            "UPDATE grants SET revoked = 1 WHERE revoked = 0 AND model = ? AND version = ?",
+        )
+        .bind(model)
+        .bind(i(version))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(Some(DestroyedVersion {
+            model: model.to_string(),
+            version,
+            version_id,
+            destroyed_ms: now,
+            grants_revoked,
+        }))
+    }
+
+    async fn destroyed_pending_blobs(&self) -> Result<Vec<[u8; 16]>, StoreError> {
+        let ids: Vec<Vec<u8>> =
+            sqlx::query_scalar("SELECT version_id FROM destroyed_versions WHERE blobs_pending = 1")
+                .fetch_all(&self.pool)
+                .await?;
+        ids.into_iter().map(|v| fixed(v, "version_id")).collect()
+    }
+
+    async fn blobs_collected(&self, version_id: &[u8; 16]) -> Result<(), StoreError> {
+        sqlx::query("UPDATE destroyed_versions SET blobs_pending = 0 WHERE version_id = ?")
+            .bind(version_id.as_slice())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn rewrap_dek(
+        &self,
+        version_id: &[u8; 16],
+        from_kek: u32,
+        to_kek: u32,
+        wrapped: &[u8],
+    ) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            "UPDATE versions SET kek_version = ?, wrapped_dek = ? \
+             WHERE version_id = ? AND kek_version = ?",
+        )
+        .bind(i64::from(to_kek))
+        .bind(wrapped)
+        .bind(version_id.as_slice())
+        .bind(i64::from(from_kek))
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    async fn retire_kek(&self, version: u32) -> Result<bool, StoreError> {
+        let r = sqlx::query(
+            "DELETE FROM keks WHERE version = ?1 \
+             AND NOT EXISTS (SELECT 1 FROM versions WHERE kek_version = ?1)",
+        )
+        .bind(i64::from(version))
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() == 1)
     }
 }
 

@@ -62,6 +62,30 @@ impl Vault {
         }
     }
 
+    /// A vault whose opened metadata store is wrapped first (fault injection).
+    pub async fn start_wrapped(dir: &Path, wrap: server::StoreWrapper) -> Vault {
+        let clock = ManualClock::new(SystemClock.now_ms());
+        let (path, _) = dev::ensure(dir).expect("dev setup");
+        let mut cfg = Config::load(&path).expect("config");
+        cfg.storage.chunk_size = 64 * 1024;
+        let server = server::start(
+            &cfg,
+            StartOptions {
+                clock: Arc::new(clock.clone()),
+                listen: Some("127.0.0.1:0".parse().unwrap()),
+                wrap_store: Some(wrap),
+            },
+        )
+        .await
+        .expect("server starts");
+        Vault {
+            dir: dir.to_path_buf(),
+            clock,
+            server: Some(server),
+            cfg,
+        }
+    }
+
     pub fn addr(&self) -> String {
         self.server.as_ref().unwrap().local_addr.to_string()
     }
@@ -314,4 +338,89 @@ pub async fn grant(
         .await?
         .into_inner(),
     )
+}
+
+/// The URL of an external service a test needs, from `var`. When it is unset the test fails
+/// under `CI=true` and otherwise says it is skipped (the caller then returns).
+pub fn service(var: &str, test: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(v) if !v.is_empty() => Some(v),
+        _ => {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "{test}: {var} is not set, and CI=true requires this test to run (.ci/run starts the service)"
+            );
+            eprintln!("skipped: {test}: {var} is not set");
+            None
+        }
+    }
+}
+
+/// A fresh, empty PostgreSQL database on the server of `base` (a `postgres://` URL), so tests
+/// can run in parallel; returns its URL.
+pub async fn fresh_database(base: &str) -> String {
+    use sqlx::Connection;
+    let (url, query) = base.split_once('?').unwrap_or((base, ""));
+    let (server, _) = url
+        .rsplit_once('/')
+        .filter(|(s, _)| s.contains("://") && !s.ends_with('/'))
+        .unwrap_or((url, ""));
+    let name = format!(
+        "wv_{}",
+        hex::encode(weightvault::grant::random::<8>().unwrap())
+    );
+    let mut c = sqlx::PgConnection::connect(base)
+        .await
+        .expect("connect to WEIGHTVAULT_TEST_PG");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut c)
+        .await
+        .expect("create test database");
+    c.close().await.ok();
+    if query.is_empty() {
+        format!("{server}/{name}")
+    } else {
+        format!("{server}/{name}?{query}")
+    }
+}
+
+/// Endpoint and bucket from `WEIGHTVAULT_TEST_S3` (`http://host:port[/bucket]`, bucket
+/// `weightvault-test` by default; .ci/services/s3.sh creates it).
+pub fn s3_endpoint_bucket(url: &str) -> (String, String) {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    match rest.split_once('/') {
+        Some((_, bucket)) if !bucket.trim_matches('/').is_empty() => (
+            url[..url.len() - bucket.len() - 1].to_string(),
+            bucket.trim_matches('/').to_string(),
+        ),
+        _ => (
+            url.trim_end_matches('/').to_string(),
+            "weightvault-test".to_string(),
+        ),
+    }
+}
+
+/// A key prefix no other test uses.
+pub fn fresh_prefix() -> String {
+    format!(
+        "t-{}",
+        hex::encode(weightvault::grant::random::<8>().unwrap())
+    )
+}
+
+/// Points a config at PostgreSQL (`pg`, a fresh database URL) and at a fresh prefix of the
+/// test bucket of `s3` (credentials through a secret file in `dir`, as in production).
+pub fn use_shared_storage(cfg: &mut Config, pg: &str, s3: &str, prefix: &str, dir: &Path) {
+    let (endpoint, bucket) = s3_endpoint_bucket(s3);
+    let secret = dir.join("s3-secret");
+    std::fs::write(&secret, "test-secret\n").unwrap();
+    cfg.storage.metadata = Some(pg.to_string());
+    cfg.storage.blobs = Some(format!("s3://{bucket}/{prefix}"));
+    cfg.storage.s3 = weightvault::config::S3Config {
+        endpoint: Some(endpoint),
+        region: Some("us-east-1".into()),
+        allow_http: true,
+        access_key_id: Some("test".into()),
+        secret_access_key_file: Some(secret),
+    };
 }
