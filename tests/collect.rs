@@ -679,8 +679,8 @@ fn nitro_errors_name_the_module_answer_and_the_device() {
         nsm_device: PathBuf::from("/nonexistent/weightvault-test/nsm"),
         ..CollectOptions::default()
     };
-    let a = collect::attester(TeeKind::Nitro, &opts).unwrap();
-    let msg = usage_text(a.evidence_for(&NONCE, &NODE_KEY).unwrap_err());
+    // Reported when the attester is made, before the node asks the vault for a challenge.
+    let msg = usage_text(collect::attester(TeeKind::Nitro, &opts).err().unwrap());
     assert!(
         msg.contains("/nonexistent/weightvault-test/nsm: not found"),
         "{msg}"
@@ -1013,14 +1013,15 @@ fn tpm_errors_name_the_command_and_the_device() {
         ak_handle: Some(AK_HANDLE),
         ..CollectOptions::default()
     };
-    let a = collect::attester(TeeKind::Tpm, &opts).unwrap();
-    let msg = usage_text(a.evidence(&bound()).unwrap_err());
+    let msg = usage_text(collect::attester(TeeKind::Tpm, &opts).err().unwrap());
     assert!(
         msg.contains("/nonexistent/weightvault-test/tpmrm0: not found"),
         "{msg}"
     );
+    let device = tempfile::NamedTempFile::new().unwrap();
     let no_handle = CollectOptions {
         ak_handle: None,
+        tpm_device: device.path().to_path_buf(),
         ..opts
     };
     let msg = usage_text(collect::attester(TeeKind::Tpm, &no_handle).err().unwrap());
@@ -1099,8 +1100,15 @@ fn azure_snp_vtpm_hcl_report_and_quote_verify_with_the_binding() {
 #[test]
 fn attesters_are_chosen_by_tee_kind() {
     let fake = FakeTsm::start(SNP_PROVIDER, 0, Arc::new(|_: &[u8]| (vec![], vec![])));
+    // Stand-ins for the device nodes: the attester only checks that they exist when made.
+    let devices = tempfile::tempdir().unwrap();
+    let (nsm, tpm) = (devices.path().join("nsm"), devices.path().join("tpmrm0"));
+    std::fs::write(&nsm, b"").unwrap();
+    std::fs::write(&tpm, b"").unwrap();
     let opts = CollectOptions {
         tsm_dir: fake.root().to_path_buf(),
+        nsm_device: nsm,
+        tpm_device: tpm,
         ak_handle: Some(AK_HANDLE),
         ..CollectOptions::default()
     };

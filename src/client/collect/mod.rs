@@ -173,6 +173,19 @@ pub(crate) fn read_certs(paths: &[PathBuf]) -> Result<Vec<Vec<u8>>, CollectError
 /// sent to the vault; devices are opened when evidence is asked for. `sim` is built elsewhere
 /// (it needs a signing key, not a device).
 pub fn attester(tee: TeeKind, opts: &CollectOptions) -> Result<Box<dyn Attester>, ClientError> {
+    // A missing device is reported here, before the node asks the vault for a challenge.
+    let (device, hint) = match tee {
+        TeeKind::Snp | TeeKind::Tdx => (&opts.tsm_dir, tsm::HINT),
+        TeeKind::Nitro => (&opts.nsm_device, nsm::HINT),
+        _ => (&opts.tpm_device, tpm::HINT),
+    };
+    if tee != TeeKind::Sim && !device.exists() {
+        return Err(CollectError::Missing {
+            path: device.display().to_string(),
+            hint,
+        }
+        .into());
+    }
     let pcrs = tpm::PcrSelection::new(&opts.pcrs)?;
     let attester: Box<dyn Attester> = match tee {
         TeeKind::Snp => Box::new(tsm::TsmAttester::snp(

@@ -18,7 +18,7 @@ use crate::attest::{nitro, report_data};
 use crate::client::ClientError;
 use crate::client::node::Attester;
 
-const HINT: &str = "the Nitro Secure Module exists only inside a Nitro enclave (nsm driver); \
+pub(crate) const HINT: &str = "the Nitro Secure Module exists only inside a Nitro enclave (nsm driver); \
                     see --nsm-device";
 
 /// One exchange with a Nitro Secure Module: a CBOR request in, its CBOR response out.

@@ -48,7 +48,7 @@ const P256_SPKI_PREFIX: [u8; 26] = [
     0x30, 0x59, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a,
     0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07, 0x03, 0x42, 0x00,
 ];
-const HINT: &str = "needs a TPM 2.0 with the kernel resource manager (tpm_tis/tpm_crb, \
+pub(crate) const HINT: &str = "needs a TPM 2.0 with the kernel resource manager (tpm_tis/tpm_crb, \
                     /dev/tpmrm0) and read-write access to it; see --tpm-device";
 
 /// One command/response exchange with a TPM.

@@ -23,7 +23,7 @@ pub const ATTEMPTS: u32 = 3;
 /// bounds the wait on a filesystem that does either later, then the attempt fails.
 const SETTLE: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(1);
-const HINT: &str = "configfs-tsm needs Linux 6.7 or later inside an SEV-SNP or TDX guest, with \
+pub(crate) const HINT: &str = "configfs-tsm needs Linux 6.7 or later inside an SEV-SNP or TDX guest, with \
                     configfs mounted on /sys/kernel/config; see --tsm-dir";
 
 /// What one report instance produced.
