@@ -348,10 +348,13 @@ pub trait MetadataStore: Send + Sync + 'static {
 
 /// Blob store contract: immutable objects under `/`-separated keys of `[a-z0-9_-]` segments.
 ///
-/// - `put` has written the whole object durably (data fsynced) when it returns; a partially
-///   written object is never returned by `get`.
-/// - `sync_prefix` makes the names under a prefix durable (directory entries); call it before
-///   committing metadata that points at the objects.
+/// - `put` has written the whole object when it returns, so `get` returns it; a partially
+///   written object is never returned by `get`. It need not be durable yet: after a crash an
+///   object whose prefix was not synced may be missing, empty or truncated.
+/// - `sync_prefix` makes every object put under a prefix before the call durable, data and
+///   names (the local backend fsyncs each file and directory once). Call it after the last `put`
+///   and before committing metadata that points at the objects; an upload that never reached
+///   its commit is deleted at start, whatever state its objects were left in.
 /// - `get` of a missing key is `NotFound`.
 #[async_trait]
 pub trait BlobStore: Send + Sync + 'static {
