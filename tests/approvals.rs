@@ -6,7 +6,6 @@ mod common;
 use common::{MEASUREMENT, Vault, connect_as, issue, model_dir, with_action};
 use tonic::Code;
 use weightvault::client::admin::AdminClient;
-use weightvault::client::node::{DirSink, FetchOptions};
 
 #[tokio::test]
 async fn two_of_three_admins_allow_access() {
@@ -118,14 +117,5 @@ async fn fetch(
     v: &Vault,
     out: &std::path::Path,
 ) -> Result<weightvault::client::node::FetchReport, weightvault::client::ClientError> {
-    v.node()
-        .await
-        .fetch(
-            "m",
-            &FetchOptions::default(),
-            &v.attester(MEASUREMENT),
-            &mut DirSink::new(out),
-            &mut |_, _| {},
-        )
-        .await
+    v.fetch_into("m", out).await
 }

@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use common::{MEASUREMENT, Vault, model_dir, with_action};
@@ -11,12 +10,10 @@ use weightvault::audit::checkpoint::{Checkpoint, open_checkpoint, sign_checkpoin
 use weightvault::audit::merkle::{self, Hash};
 use weightvault::audit::note::{NoteSigner, NoteVerifier};
 use weightvault::audit::replay::{self, FindingKind, Input};
-use weightvault::client::node::{DirSink, FetchOptions};
 use weightvault::config::Config;
 use weightvault::config::dev::{self, files};
 use weightvault::server::{self, StartOptions};
 use weightvault::store::MetadataStore;
-use weightvault::store::faulty::FaultyStore;
 
 /// A vault with a pushed model, an allowed measurement and one full fetch on the record.
 async fn busy(tmp: &std::path::Path) -> Vault {
@@ -27,17 +24,7 @@ async fn busy(tmp: &std::path::Path) -> Vault {
         .allow("m", "sim", MEASUREMENT)
         .await
         .unwrap();
-    v.node()
-        .await
-        .fetch(
-            "m",
-            &FetchOptions::default(),
-            &v.attester(MEASUREMENT),
-            &mut DirSink::new(&tmp.join("out")),
-            &mut |_, _| {},
-        )
-        .await
-        .unwrap();
+    v.fetch_into("m", &tmp.join("out")).await.unwrap();
     v
 }
 
@@ -299,17 +286,12 @@ async fn a_failed_log_write_refuses_all_access() {
     let dir = tmp.path().join("data");
     let (path, _) = dev::ensure(&dir).unwrap();
     let cfg = Config::load(&path).unwrap();
-    let faulty: Arc<std::sync::OnceLock<Arc<FaultyStore>>> = Arc::new(std::sync::OnceLock::new());
-    let slot = faulty.clone();
+    let (wrap, faulty) = common::faulty_wrapper();
     let running = server::start(
         &cfg,
         StartOptions {
             listen: Some("127.0.0.1:0".parse().unwrap()),
-            wrap_store: Some(Box::new(move |inner| {
-                let f = Arc::new(FaultyStore::new(inner));
-                let _ = slot.set(f.clone());
-                f as Arc<dyn MetadataStore>
-            })),
+            wrap_store: Some(wrap),
             ..StartOptions::default()
         },
     )

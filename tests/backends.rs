@@ -899,16 +899,6 @@ async fn push_fetch_revoke_and_verify_on_postgres_and_s3() {
     assert_eq!(models.len(), 1);
     assert_eq!(models[0].latest_version, 1);
     let again = tmp.path().join("again");
-    v.node()
-        .await
-        .fetch(
-            "m",
-            &FetchOptions::default(),
-            &v.attester(MEASUREMENT),
-            &mut DirSink::new(&again),
-            &mut |_, _| {},
-        )
-        .await
-        .unwrap();
+    v.fetch_into("m", &again).await.unwrap();
     common::assert_same_tree(&src, &again);
 }

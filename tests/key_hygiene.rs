@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex};
 
 use base64::Engine;
 use common::{MEASUREMENT, Vault, model_dir};
-use weightvault::client::node::{DirSink, FetchOptions};
 use weightvault::client::operator::OperatorClient;
 use weightvault::config::SealConfig;
 use weightvault::config::dev::files;
@@ -121,17 +120,7 @@ async fn no_key_material_in_logs_or_audit_entries() {
         .await
         .unwrap();
     let out = tmp.path().join("out");
-    v.node()
-        .await
-        .fetch(
-            "m",
-            &FetchOptions::default(),
-            &v.attester(MEASUREMENT),
-            &mut DirSink::new(&out),
-            &mut |_, _| {},
-        )
-        .await
-        .unwrap();
+    v.fetch_into("m", &out).await.unwrap();
     common::assert_same_tree(&tmp.path().join("model-src"), &out);
     // A rekey: a second root key, shares over the wire once more.
     let current: Vec<Zeroizing<String>> = init.shares[1..]

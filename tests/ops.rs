@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use common::{MEASUREMENT, Vault};
@@ -15,8 +14,6 @@ use weightvault::config::Config;
 use weightvault::config::dev::{self, files};
 use weightvault::grant::hpke::NodeKeyPair;
 use weightvault::server::{self, StartOptions};
-use weightvault::store::MetadataStore;
-use weightvault::store::faulty::FaultyStore;
 use weightvault::time::{Clock, ManualClock, SystemClock};
 
 async fn status(ch: tonic::transport::Channel, service: &str) -> ServingStatus {
@@ -154,17 +151,12 @@ async fn health_says_not_serving_once_the_audit_log_fails() {
     let (path, _) = dev::ensure(&dir).unwrap();
     let mut cfg = Config::load(&path).unwrap();
     ops_on_any_port(&mut cfg);
-    let faulty: Arc<std::sync::OnceLock<Arc<FaultyStore>>> = Arc::new(std::sync::OnceLock::new());
-    let slot = faulty.clone();
+    let (wrap, faulty) = common::faulty_wrapper();
     let running = server::start(
         &cfg,
         StartOptions {
             listen: Some("127.0.0.1:0".parse().unwrap()),
-            wrap_store: Some(Box::new(move |inner| {
-                let f = Arc::new(FaultyStore::new(inner));
-                let _ = slot.set(f.clone());
-                f as Arc<dyn MetadataStore>
-            })),
+            wrap_store: Some(wrap),
             ..StartOptions::default()
         },
     )

@@ -31,17 +31,7 @@ async fn restart_keeps_models_rules_grants_and_log() {
         .allow("m", "sim", MEASUREMENT)
         .await
         .unwrap();
-    v.node()
-        .await
-        .fetch(
-            "m",
-            &FetchOptions::default(),
-            &v.attester(MEASUREMENT),
-            &mut DirSink::new(&tmp.path().join("o1")),
-            &mut |_, _| {},
-        )
-        .await
-        .unwrap();
+    v.fetch_into("m", &tmp.path().join("o1")).await.unwrap();
     let before = v.audit_entries().await;
     let clock = v.clock.clone();
     v.stop().await;
@@ -66,17 +56,7 @@ async fn restart_keeps_models_rules_grants_and_log() {
     assert_eq!(models[0].latest_version, 1);
     assert_eq!(v.admin().await.access_rules(None).await.unwrap().len(), 1);
     let out = tmp.path().join("o2");
-    v.node()
-        .await
-        .fetch(
-            "m",
-            &FetchOptions::default(),
-            &v.attester(MEASUREMENT),
-            &mut DirSink::new(&out),
-            &mut |_, _| {},
-        )
-        .await
-        .unwrap();
+    v.fetch_into("m", &out).await.unwrap();
     assert_same_tree(&src, &out);
     // A second push is version 2; version 1 stays fetchable by number.
     v.push_dir("m", &src).await;

@@ -13,7 +13,6 @@ use tonic::Code;
 use weightvault::audit::checkpoint::open_checkpoint;
 use weightvault::audit::note::NoteVerifier;
 use weightvault::audit::replay::{self, Input};
-use weightvault::client::node::{DirSink, FetchOptions};
 use weightvault::grant::hpke::NodeKeyPair;
 use weightvault::proto::v1::revoke_request::Target;
 use weightvault::proto::v1::{FetchWeightsRequest, GetChallengeRequest};
@@ -32,17 +31,7 @@ async fn eventually(what: &str, mut cond: impl AsyncFnMut() -> bool) {
 }
 
 async fn fetch_via(v: &Vault, out: &std::path::Path) -> weightvault::client::node::FetchReport {
-    v.node()
-        .await
-        .fetch(
-            "m",
-            &FetchOptions::default(),
-            &v.attester(MEASUREMENT),
-            &mut DirSink::new(out),
-            &mut |_, _| {},
-        )
-        .await
-        .unwrap()
+    v.fetch_into("m", out).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

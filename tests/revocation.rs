@@ -15,16 +15,7 @@ async fn fetch(
     v: &Vault,
     out: &std::path::Path,
 ) -> Result<weightvault::client::node::FetchReport, weightvault::client::ClientError> {
-    v.node()
-        .await
-        .fetch(
-            "m",
-            &FetchOptions::default(),
-            &v.attester(MEASUREMENT),
-            &mut DirSink::new(out),
-            &mut |_, _| {},
-        )
-        .await
+    v.fetch_into("m", out).await
 }
 
 #[tokio::test]

@@ -3,14 +3,11 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use common::{MEASUREMENT, Vault, bytes, with_action};
 use weightvault::client::node::{DirSink, FetchOptions};
 use weightvault::proto::v1::KeyStatus;
-use weightvault::store::MetadataStore;
-use weightvault::store::faulty::FaultyStore;
 
 /// Three versions of two models, each a directory with one distinct file.
 async fn push_versions(
@@ -159,17 +156,8 @@ async fn rotation_rewraps_every_dek_and_retires_the_old_kek() {
 async fn an_interrupted_rotation_resumes_at_the_next_start() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    let slot: Arc<std::sync::OnceLock<Arc<FaultyStore>>> = Arc::new(std::sync::OnceLock::new());
-    let s2 = slot.clone();
-    let mut v = Vault::start_wrapped(
-        &data,
-        Box::new(move |inner| {
-            let f = Arc::new(FaultyStore::new(inner));
-            let _ = s2.set(f.clone());
-            f as Arc<dyn MetadataStore>
-        }),
-    )
-    .await;
+    let (wrap, slot) = common::faulty_wrapper();
+    let mut v = Vault::start_wrapped(&data, wrap).await;
     let versions = push_versions(&v, tmp.path()).await;
     // Two re-wraps succeed, then the store fails as a crash mid-rotation would leave it.
     slot.get().unwrap().rewraps_left.store(2, Ordering::SeqCst);

@@ -9,7 +9,6 @@ use std::path::Path;
 
 use common::{MEASUREMENT, Vault, model_dir, with_action};
 use tonic::Code;
-use weightvault::client::node::{DirSink, FetchOptions};
 use weightvault::client::operator::OperatorClient;
 use weightvault::config::SealConfig;
 use weightvault::config::dev::files;
@@ -115,17 +114,7 @@ async fn assert_everything_refused_while_sealed(v: &Vault) {
 
 async fn fetch_ok(v: &Vault, tmp: &Path, out: &str) {
     let out = tmp.join(out);
-    v.node()
-        .await
-        .fetch(
-            "m",
-            &FetchOptions::default(),
-            &v.attester(MEASUREMENT),
-            &mut DirSink::new(&out),
-            &mut |_, _| {},
-        )
-        .await
-        .unwrap();
+    v.fetch_into("m", &out).await.unwrap();
     common::assert_same_tree(&tmp.join("model-src"), &out);
 }
 

@@ -128,6 +128,25 @@ impl Vault {
         NodeClient::new(self.channel(None).await)
     }
 
+    /// The whole node flow for `model` (latest version) with the default options, as a node
+    /// measuring [`MEASUREMENT`], into the directory `out`.
+    pub async fn fetch_into(
+        &self,
+        model: &str,
+        out: &Path,
+    ) -> Result<weightvault::client::node::FetchReport, ClientError> {
+        self.node()
+            .await
+            .fetch(
+                model,
+                &weightvault::client::node::FetchOptions::default(),
+                &self.attester(MEASUREMENT),
+                &mut weightvault::client::node::DirSink::new(out),
+                &mut |_, _| {},
+            )
+            .await
+    }
+
     pub fn sim_key(&self) -> Vec<u8> {
         std::fs::read(self.dir.join(files::SIM_KEY)).unwrap()
     }
@@ -423,4 +442,21 @@ pub fn use_shared_storage(cfg: &mut Config, pg: &str, s3: &str, prefix: &str, di
         access_key_id: Some("test".into()),
         secret_access_key_file: Some(secret),
     };
+}
+
+/// A store wrapper for `StartOptions::wrap_store` that puts a fault-injecting
+/// [`weightvault::store::faulty::FaultyStore`] around the real store, and the slot where that
+/// store appears once the server opened it.
+pub fn faulty_wrapper() -> (
+    weightvault::server::StoreWrapper,
+    Arc<std::sync::OnceLock<Arc<weightvault::store::faulty::FaultyStore>>>,
+) {
+    let slot = Arc::new(std::sync::OnceLock::new());
+    let set = slot.clone();
+    let wrap: weightvault::server::StoreWrapper = Box::new(move |inner| {
+        let f = Arc::new(weightvault::store::faulty::FaultyStore::new(inner));
+        let _ = set.set(f.clone());
+        f as Arc<dyn weightvault::store::MetadataStore>
+    });
+    (wrap, slot)
 }
