@@ -2,6 +2,8 @@
 //! vectors/attest/INDEX.md §2 and §4 (A1 trio, A2 evidence-v0.json, A3 evidence-v1.json, the
 //! TDX evidence-v0.json), plus mutations of every signed part.
 
+#[path = "common/vectors.rs"]
+mod vectors;
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
@@ -25,18 +27,7 @@ const A1_PCR0: &str = "f3a7e99a5f819a034386bce753a48a73cfdaa0bea0ecfc124bedbf5a8
 const A2_PCR0: &str = "e15c44796beabf46abcec7c57e590942041e47497e4ec27571c8b7664f48dced";
 
 fn vectors() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/vectors/attest");
-    if dir.join("az-snp-vtpm").is_dir() {
-        return Some(dir);
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!(
-            "Azure vectors not found at {} (required when CI=true)",
-            dir.display()
-        );
-    }
-    eprintln!("skipped: Azure vectors not found at {}", dir.display());
-    None
+    vectors::shared("attest", "az-snp-vtpm", "Azure")
 }
 
 macro_rules! vectors_or_skip {

@@ -1,6 +1,8 @@
 //! AWS Nitro Enclaves verifier against real AWS-signed documents (vectors/attest/INDEX.md §6)
 //! and against synthetic documents under a throwaway PKI built with rcgen.
 
+#[path = "common/vectors.rs"]
+mod vectors;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -23,15 +25,7 @@ use weightvault::attest::{AttestError, TeeKind, Verifier, report_data};
 // Real documents.
 
 fn vectors() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/vectors/attest/nitro");
-    if dir.is_dir() {
-        return Some(dir);
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("Nitro vectors not found at {}", dir.display());
-    }
-    eprintln!("skipped: Nitro vectors not found at {}", dir.display());
-    None
+    vectors::shared("attest/nitro", "", "Nitro")
 }
 
 /// A stored document, turned into a bundle and decoded independently of the verifier.

@@ -2,6 +2,8 @@
 //! against synthetic chains made here (foreign roots, and every policy failure on a report we
 //! sign ourselves under an operator-supplied root).
 
+#[path = "common/vectors.rs"]
+mod vectors;
 use std::path::{Path, PathBuf};
 
 use aws_lc_rs::rand::SystemRandom;
@@ -24,15 +26,7 @@ const AFTER: u64 = 1_956_528_000_000;
 const BEFORE: u64 = 1_640_995_200_000;
 
 fn vectors() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/vectors/attest/snp");
-    if dir.is_dir() {
-        return Some(dir);
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("SEV-SNP vectors not found at {}", dir.display());
-    }
-    eprintln!("skipped: SEV-SNP vectors not found at {}", dir.display());
-    None
+    vectors::shared("attest/snp", "", "SEV-SNP")
 }
 
 fn read(dir: &Path, name: &str) -> Vec<u8> {

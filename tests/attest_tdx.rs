@@ -1,6 +1,8 @@
 //! Intel TDX verifier on the real DCAP samples of vectors/attest/INDEX.md §3 (and §5 G1 for the
 //! status/advisory policy), plus mutations of every signed part.
 
+#[path = "common/vectors.rs"]
+mod vectors;
 use std::path::{Path, PathBuf};
 
 use aws_lc_rs::rand::SystemRandom;
@@ -22,15 +24,7 @@ const V4_BODY: usize = 48;
 const V4_SIGNED: usize = 48 + 584;
 
 fn vectors() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/vectors/attest");
-    if dir.join("tdx").is_dir() {
-        return Some(dir);
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("TDX vectors not found at {}", dir.display());
-    }
-    eprintln!("skipped: TDX vectors not found at {}", dir.display());
-    None
+    vectors::shared("attest", "tdx", "TDX")
 }
 
 macro_rules! vectors_or_skip {

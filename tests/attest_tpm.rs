@@ -2,6 +2,8 @@
 //! P2/P3 go-tpm-tools GCE vTPM), plus synthetic quotes signed here (ECDSA AK with a certificate
 //! chain made by rcgen, RSA-PSS AK pinned) and mutations of every signed part.
 
+#[path = "common/vectors.rs"]
+mod vectors;
 use std::path::{Path, PathBuf};
 
 use aws_lc_rs::digest;
@@ -41,18 +43,7 @@ const AK_SERIAL: u64 = 0x4b;
 const P2_AK: &str = "6a114d75ad6e7b75f7da33dead50f2e29bf509108646ced2e588bebc35f0d5b6";
 
 fn vectors() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/vectors/attest");
-    if dir.join("tpm").is_dir() {
-        return Some(dir);
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!(
-            "TPM vectors not found at {} (required when CI=true)",
-            dir.display()
-        );
-    }
-    eprintln!("skipped: TPM vectors not found at {}", dir.display());
-    None
+    vectors::shared("attest", "tpm", "TPM")
 }
 
 macro_rules! vectors_or_skip {

@@ -2,28 +2,16 @@
 //! form detection, certificates and collateral from files, the time as RFC 3339, the strict
 //! default policy and an operator policy from --config.
 
-use std::path::{Path, PathBuf};
+#[path = "common/vectors.rs"]
+mod vectors;
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
 const BIN: &str = env!("CARGO_BIN_EXE_weightvault");
 
 /// The vectors directory, or None (skipped) outside CI; under CI=true a missing one fails.
 fn vectors() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/vectors/attest");
-    if dir.is_dir() {
-        return Some(dir);
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!(
-            "attestation vectors not found at {}; CI must provide ../shared/vectors",
-            dir.display()
-        );
-    }
-    eprintln!(
-        "skipped: attestation vectors not found at {}",
-        dir.display()
-    );
-    None
+    vectors::shared("attest", "", "attestation")
 }
 
 fn verify(args: &[&str]) -> Output {

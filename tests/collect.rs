@@ -3,6 +3,8 @@
 //! that sign with test keys. Every collected evidence goes through the vault's real verifier
 //! with the binding the node protocol computes, and each failure mode has its error.
 
+#[path = "common/vectors.rs"]
+mod vectors;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -444,15 +446,7 @@ fn a_concurrent_writer_is_detected_by_generation() {
 }
 
 fn tdx_vectors() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/vectors/attest/tdx/dcap-qvl");
-    if dir.is_dir() {
-        return Some(dir);
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("TDX vectors not found at {}", dir.display());
-    }
-    eprintln!("skipped: TDX vectors not found at {}", dir.display());
-    None
+    vectors::shared("attest/tdx/dcap-qvl", "", "TDX")
 }
 
 /// 2025-06-20, inside the T1 collateral window (tests/attest_tdx.rs).

@@ -4,6 +4,8 @@
 //! Without the vectors directory the tests print "skipped" and pass, unless `CI=true`, where they
 //! fail: CI must never pass by not looking.
 
+#[path = "common/vectors.rs"]
+mod vectors;
 use std::path::{Path, PathBuf};
 
 use aws_lc_rs::digest::{SHA256, digest};
@@ -19,18 +21,7 @@ use weightvault::audit::merkle::{
 use weightvault::audit::note::{NoteError, NoteSigner, NoteVerifier, open};
 
 fn vectors_dir() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/vectors/tlog");
-    if dir.is_dir() {
-        return Some(dir);
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!(
-            "tlog test vectors not found at {} (required when CI=true)",
-            dir.display()
-        );
-    }
-    eprintln!("skipped: tlog test vectors not found at {}", dir.display());
-    None
+    vectors::shared("tlog", "", "tlog test")
 }
 
 fn load(dir: &Path, rel: &str) -> Value {
