@@ -24,6 +24,21 @@ async fn start_shamir(dir: &Path) -> Vault {
     Vault::start_configured(dir, clock(), |c| c.seal = SealConfig::Shamir {}).await
 }
 
+/// Starts a vault from `cfg` expecting a refusal; returns the whole error chain as text.
+async fn start_refused(cfg: &weightvault::config::Config, why: &str) -> String {
+    let err = weightvault::server::start(
+        cfg,
+        weightvault::server::StartOptions {
+            listen: Some("127.0.0.1:0".parse().unwrap()),
+            ..Default::default()
+        },
+    )
+    .await
+    .err()
+    .expect(why);
+    format!("{:#}", anyhow::Error::from(err))
+}
+
 async fn operator(v: &Vault) -> OperatorClient {
     OperatorClient::new(v.channel(None).await)
 }
@@ -351,17 +366,7 @@ async fn migration_from_file_to_shamir_keeps_models_readable() {
     // The file key no longer opens anything: starting with the file seal is refused clearly.
     let (path, _) = weightvault::config::dev::ensure(&dir).unwrap();
     let cfg = weightvault::config::Config::load(&path).unwrap();
-    let err = weightvault::server::start(
-        &cfg,
-        weightvault::server::StartOptions {
-            listen: Some("127.0.0.1:0".parse().unwrap()),
-            ..Default::default()
-        },
-    )
-    .await
-    .err()
-    .expect("file seal refused after the migration");
-    let text = format!("{:#}", anyhow::Error::from(err));
+    let text = start_refused(&cfg, "file seal refused after the migration").await;
     assert!(text.contains("sealed with shamir"), "{text}");
 
     let v = start_shamir(&dir).await;
@@ -459,17 +464,7 @@ async fn pkcs11_seal_round_trip_on_softhsm() {
     // Without its HSM key the vault cannot open: the start fails, nothing is reset.
     let mut cfg = v.cfg.clone();
     cfg.seal = pkcs11_seal(&module, &token, &pin, &unique_label("other"));
-    let err = weightvault::server::start(
-        &cfg,
-        weightvault::server::StartOptions {
-            listen: Some("127.0.0.1:0".parse().unwrap()),
-            ..Default::default()
-        },
-    )
-    .await
-    .err()
-    .expect("another HSM key is refused");
-    let text = format!("{:#}", anyhow::Error::from(err));
+    let text = start_refused(&cfg, "another HSM key is refused").await;
     assert!(text.contains("no AES key labelled"), "{text}");
 }
 
