@@ -140,16 +140,43 @@ pub fn harden_process() {
 mod tests {
     use super::*;
 
+    fn users_of(page: usize) -> Option<usize> {
+        pages().lock().unwrap().locked.get(&page).map(|(n, _)| *n)
+    }
+
     #[test]
     fn pages_are_counted_and_released() {
-        let before = locked_pages();
+        // Other tests in this binary lock and unlock key pages concurrently, so this test only
+        // looks at a page no one else can use: the interior page of a buffer it holds.
+        let size = region::page::size();
+        let owned = vec![0u8; 3 * size];
+        let page = (owned.as_ptr() as usize).div_ceil(size) * size;
+        let refused_before = lock_refusals();
+        register(page, 16);
+        match users_of(page) {
+            // The OS refused (RLIMIT_MEMLOCK): counted as a refusal, nothing to release.
+            None => {
+                assert!(lock_refusals() > refused_before);
+                return;
+            }
+            Some(n) => assert_eq!(n, 1),
+        }
+        register(page + 64, 16);
+        assert_eq!(users_of(page), Some(2));
+        unregister(page, 16);
+        assert_eq!(users_of(page), Some(1), "still used by the second buffer");
+        unregister(page + 64, 16);
+        assert_eq!(users_of(page), None, "released with its last buffer");
+        drop(owned);
+    }
+
+    #[test]
+    fn a_key_buffer_is_locked_while_it_lives() {
         let a = LockedBytes::<32>::zeroed();
-        let b = LockedBytes::<32>::zeroed();
-        let during = locked_pages();
-        // Either the OS locked the pages (counted) or it refused (counted as refusals).
-        assert!(during > before || lock_refusals() > 0);
+        let page = *page_range(a.expose().as_ptr() as usize, 32).start();
+        // Either the OS locked the page (counted) or it refused (counted as a refusal).
+        assert!(users_of(page).is_some_and(|n| n >= 1) || lock_refusals() > 0);
         drop(a);
-        drop(b);
     }
 
     #[test]
