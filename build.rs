@@ -24,6 +24,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let fds = protox::compile(protos, ["proto"])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::create_dir_all(out.join("node_server"))?;
     let bytes = protox::prost::Message::encode_to_vec(&fds);
     std::fs::write(out.join("weightvault_descriptor.bin"), bytes)?;
     tonic_prost_build::configure()
@@ -33,5 +34,55 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // anywhere can print a share.
         .skip_debug(SECRET_MESSAGES)
         .compile_fds(fds)?;
+    node_server(&out);
     Ok(())
+}
+
+/// The vault's own `NodeService` server: the same routes and messages as the generated one, but
+/// `FetchWeights` streams `crate::server::wire::ServedChunk` through its own codec, which writes
+/// a chunk's protobuf encoding straight from the blob file into the HTTP/2 send buffer (no
+/// intermediate chunk buffer; the bytes on the wire are those of `WeightChunk`).
+fn node_server(out: &std::path::Path) {
+    use tonic_build::manual::{Builder, Method, Service};
+    let unary = |name: &str, route: &str, input: &str, output: &str| {
+        Method::builder()
+            .name(name)
+            .route_name(route)
+            .input_type(format!("crate::proto::v1::{input}"))
+            .output_type(format!("crate::proto::v1::{output}"))
+            .codec_path("tonic_prost::ProstCodec")
+            .build()
+    };
+    let service = Service::builder()
+        .name("NodeService")
+        .package("weightvault.v1")
+        .method(unary(
+            "get_challenge",
+            "GetChallenge",
+            "GetChallengeRequest",
+            "GetChallengeResponse",
+        ))
+        .method(unary("attest", "Attest", "AttestRequest", "AttestResponse"))
+        .method(unary(
+            "request_grant",
+            "RequestGrant",
+            "RequestGrantRequest",
+            "RequestGrantResponse",
+        ))
+        .method(
+            Method::builder()
+                .name("fetch_weights")
+                .route_name("FetchWeights")
+                .input_type("crate::proto::v1::FetchWeightsRequest")
+                .output_type("crate::server::wire::ServedChunk")
+                .codec_path("crate::server::wire::ChunkCodec")
+                .server_streaming()
+                .build(),
+        )
+        .build();
+    Builder::new()
+        .build_client(false)
+        .build_server(true)
+        .out_dir(out.join("node_server"))
+        .compile(&[service]);
 }

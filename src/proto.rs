@@ -6,6 +6,17 @@ pub mod v1 {
     tonic::include_proto!("weightvault.v1");
 }
 
+/// The vault's own `NodeService` server (build.rs `node_server`): the routes and messages of the
+/// generated one, except that `FetchWeights` streams [`crate::server::wire::ServedChunk`]s
+/// through [`crate::server::wire::ChunkCodec`]. Nodes use the generated client in [`v1`].
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod node_server {
+    include!(concat!(
+        env!("OUT_DIR"),
+        "/node_server/weightvault.v1.NodeService.rs"
+    ));
+}
+
 /// The encoded `FileDescriptorSet` of the API, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/weightvault_descriptor.bin"));

@@ -11,6 +11,7 @@ pub mod health;
 pub mod metrics;
 pub mod node;
 pub mod operator;
+pub mod wire;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -28,7 +29,7 @@ use crate::config::Config;
 use crate::keys::{KeyRing, RootKey};
 use crate::proto::v1::admin_service_server::AdminServiceServer;
 use crate::proto::v1::audit_service_server::AuditServiceServer;
-use crate::proto::v1::node_service_server::NodeServiceServer;
+use crate::proto::node_server::node_service_server::NodeServiceServer;
 use crate::proto::v1::operator_service_server::OperatorServiceServer;
 use crate::store::local::LocalBlobs;
 use crate::store::sqlite::SqliteStore;

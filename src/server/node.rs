@@ -11,16 +11,17 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::error::{ApiError, internal};
+use super::wire::ServedChunk;
 use super::{Vault, check_model_name, node_actor, request_id};
 use crate::attest::{self, AttestError, NODE_KEY_LEN, NONCE_LEN, TeeKind};
 use crate::audit::entry::ActorKind;
 use crate::audit::{Action, Actor, Decision};
 use crate::envelope::manifest::Manifest;
 use crate::grant::{self, AttestedSession, CHALLENGE_TTL_MS, SESSION_TTL_MS, token_sha256};
-use crate::proto::v1::node_service_server::NodeService;
+use crate::proto::node_server::node_service_server::NodeService;
 use crate::proto::v1::{
     AttestRequest, AttestResponse, FetchWeightsRequest, GetChallengeRequest, GetChallengeResponse,
-    RequestGrantRequest, RequestGrantResponse, WeightChunk,
+    RequestGrantRequest, RequestGrantResponse,
 };
 use crate::store::{GrantRecord, Revocation, RevocationKind, SessionRecord, chunk_key};
 
@@ -394,7 +395,7 @@ impl NodeApi {
         &self,
         rid: &str,
         req: FetchWeightsRequest,
-    ) -> Result<mpsc::Receiver<Result<WeightChunk, Status>>, ApiError> {
+    ) -> Result<mpsc::Receiver<Result<ServedChunk, Status>>, ApiError> {
         let v = &self.vault;
         let mut entry = v.entry(
             Action::FetchStart,
@@ -486,7 +487,7 @@ impl NodeApi {
                 }
                 let data = match vault
                     .blobs
-                    .get(&chunk_key(&version_id, &file.path, index))
+                    .open(&chunk_key(&version_id, &file.path, index))
                     .await
                 {
                     Ok(d) => d,
@@ -498,7 +499,7 @@ impl NodeApi {
                         break;
                     }
                 };
-                let len = data.len() as u64;
+                let len = data.len();
                 if let Err(scope) = vault.budgets.charge(&grant, grant_limit, len, vault.now()) {
                     crate::server::metrics::budget_refused(scope.as_str());
                     let why = format!("egress budget of the {} exhausted", scope.as_str());
@@ -522,10 +523,7 @@ impl NodeApi {
                     break;
                 }
                 // A node that stops reading gives its slot back; it can resume the range.
-                let chunk = WeightChunk {
-                    index,
-                    ciphertext: data,
-                };
+                let chunk = ServedChunk { index, body: data };
                 match tokio::time::timeout(SEND_STALL, tx.send(Ok(chunk))).await {
                     Ok(Ok(())) => {}
                     Ok(Err(_)) => {
@@ -583,7 +581,7 @@ fn check_live(grant: &GrantRecord, now: u64) -> Result<(), ApiError> {
     Ok(())
 }
 
-type ChunkStream = Pin<Box<dyn Stream<Item = Result<WeightChunk, Status>> + Send>>;
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<ServedChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl NodeService for NodeApi {

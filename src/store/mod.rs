@@ -356,13 +356,41 @@ pub trait MetadataStore: Send + Sync + 'static {
 ///   and before committing metadata that points at the objects; an upload that never reached
 ///   its commit is deleted at start, whatever state its objects were left in.
 /// - `get` of a missing key is `NotFound`.
+/// - `open` is `get` for sending an object on: the same object, either as bytes or as an open
+///   file of exactly `len` bytes that the sender reads itself (the local backend, so a chunk goes
+///   from the page cache into the send buffer without a buffer of its own). A missing key is
+///   `NotFound`.
 #[async_trait]
 pub trait BlobStore: Send + Sync + 'static {
     async fn put(&self, key: &str, data: Bytes) -> Result<(), StoreError>;
     async fn sync_prefix(&self, prefix: &str) -> Result<(), StoreError>;
     async fn get(&self, key: &str) -> Result<Bytes, StoreError>;
+    async fn open(&self, key: &str) -> Result<BlobBody, StoreError>;
     /// Deletes every object under the prefix (missing is fine).
     async fn delete_prefix(&self, prefix: &str) -> Result<(), StoreError>;
+}
+
+/// An object opened for sending ([`BlobStore::open`]).
+pub enum BlobBody {
+    /// The whole object in memory.
+    Bytes(Bytes),
+    /// An open file holding the object: `len` bytes from offset 0. Objects are immutable, so the
+    /// length read at open time stays right while the file is open.
+    File { file: std::fs::File, len: u64 },
+}
+
+impl BlobBody {
+    /// The object's length in bytes.
+    pub fn len(&self) -> u64 {
+        match self {
+            BlobBody::Bytes(b) => b.len() as u64,
+            BlobBody::File { len, .. } => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// The blob prefix of one model version.

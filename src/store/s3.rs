@@ -14,7 +14,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use tokio_stream::StreamExt;
 use zeroize::Zeroizing;
 
-use super::{BlobStore, StoreError};
+use super::{BlobBody, BlobStore, StoreError};
 
 /// Where the bucket is and how to reach it. Anything left `None` comes from the standard AWS
 /// environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`,
@@ -163,6 +163,10 @@ impl BlobStore for S3Blobs {
         let path = self.location(key)?;
         let got = self.store.get(&path).await.map_err(backend)?;
         got.bytes().await.map_err(backend)
+    }
+
+    async fn open(&self, key: &str) -> Result<BlobBody, StoreError> {
+        self.get(key).await.map(BlobBody::Bytes)
     }
 
     async fn delete_prefix(&self, prefix: &str) -> Result<(), StoreError> {
