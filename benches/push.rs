@@ -4,20 +4,31 @@
 //! disk, then fsync (docs/performance.md). Same process, same disk, alternating rounds.
 //!
 //! `cargo bench --bench push`; size from `WEIGHTVAULT_BENCH_BYTES` (default 1 GiB), rounds from
-//! `WEIGHTVAULT_BENCH_ROUNDS` (default 3). Also reports the vault's peak RSS growth during the
-//! pushes (bounded memory). The bench never asserts on timing.
+//! `WEIGHTVAULT_BENCH_ROUNDS` (default 3). Pushes record no plaintext digest (the default);
+//! `WEIGHTVAULT_BENCH_DIGEST=1` pushes with `--digest`. Also reports the peak RSS (bounded
+//! memory). The bench never asserts on timing.
+//!
+//! Two modes:
+//! - default: the vault runs in this process (`server::start`), vault and client share both
+//!   cores, CPU is the process's total;
+//! - `WEIGHTVAULT_BENCH_SPLIT=1`: vault and pushing host as different machines. The vault is
+//!   `taskset -c 0 weightvault serve --dev --data-dir DIR` (a child process), this process (the
+//!   pushing client) pins every thread to CPU 1 (`taskset -a -p -c 1`), and the copy baseline
+//!   runs on CPU 0, the vault's core, where the vault's writes and fsyncs happen. CPU seconds
+//!   are reported per side. Needs `taskset` (util-linux) and CPUs 0 and 1.
 
 use std::io::{Read, Write};
 use std::path::Path;
-use std::time::Instant;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-use weightvault::client::admin::AdminClient;
+use weightvault::client::admin::{AdminClient, PushOptions};
 use weightvault::client::{Endpoint, collect_files};
 use weightvault::config::Config;
 use weightvault::config::dev::{self, files};
-use weightvault::server::StartOptions;
+use weightvault::server::{RunningServer, StartOptions};
 
 /// The same piece size the push client reads with.
 const PIECE: usize = 1024 * 1024;
@@ -71,8 +82,13 @@ fn copy_fsync(src: &Path, dst: &Path) -> Result<f64> {
     Ok(secs)
 }
 
-fn vm_hwm_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+/// `/proc/self` or `/proc/PID`.
+fn proc_dir(pid: Option<u32>) -> String {
+    pid.map_or_else(|| "/proc/self".to_string(), |p| format!("/proc/{p}"))
+}
+
+fn vm_hwm_kib(pid: Option<u32>) -> u64 {
+    std::fs::read_to_string(format!("{}/status", proc_dir(pid)))
         .ok()
         .and_then(|s| {
             s.lines()
@@ -82,9 +98,9 @@ fn vm_hwm_kib() -> u64 {
         .unwrap_or(0)
 }
 
-/// User + system CPU seconds of this process, all threads (USER_HZ = 100).
-fn cpu_secs() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+/// User + system CPU seconds of a process, all threads (USER_HZ = 100).
+fn cpu_secs(pid: Option<u32>) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("{}/stat", proc_dir(pid))) else {
         return f64::NAN;
     };
     let Some((_, rest)) = stat.rsplit_once(") ") else {
@@ -104,45 +120,176 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// CPU for the split mode's vault and its copy baseline.
+const VAULT_CPU: u32 = 0;
+/// CPU for the split mode's pushing client (this process).
+const CLIENT_CPU: u32 = 1;
+
+fn taskset(args: &[&str]) -> Result<()> {
+    let status = Command::new("taskset")
+        .args(args)
+        .stdout(Stdio::null())
+        .status()
+        .context("running taskset (util-linux) for WEIGHTVAULT_BENCH_SPLIT=1")?;
+    if !status.success() {
+        bail!("taskset {} failed: {status}", args.join(" "));
+    }
+    Ok(())
+}
+
+/// The calling thread's id, from `/proc/thread-self` (a link to `PID/task/TID`).
+fn thread_id() -> Result<String> {
+    let link = std::fs::read_link("/proc/thread-self")?;
+    Ok(link
+        .file_name()
+        .context("/proc/thread-self")?
+        .to_string_lossy()
+        .into_owned())
+}
+
+/// The copy baseline on a thread pinned to `cpu` (`None`: wherever the scheduler puts it).
+fn copy_fsync_on(cpu: Option<u32>, src: &Path, dst: &Path) -> Result<f64> {
+    let (src, dst) = (src.to_path_buf(), dst.to_path_buf());
+    std::thread::spawn(move || {
+        if let Some(cpu) = cpu {
+            taskset(&["-p", "-c", &cpu.to_string(), &thread_id()?])?;
+        }
+        copy_fsync(&src, &dst)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("copy thread panicked"))?
+}
+
+/// The vault under test: in this process, or a pinned child process.
+enum VaultUnderTest {
+    InProcess(RunningServer),
+    Child(Child),
+}
+
+impl VaultUnderTest {
+    /// The child's pid (`None` for the in-process vault).
+    fn pid(&self) -> Option<u32> {
+        match self {
+            VaultUnderTest::InProcess(_) => None,
+            VaultUnderTest::Child(c) => Some(c.id()),
+        }
+    }
+
+    async fn stop(self) -> Result<()> {
+        match self {
+            VaultUnderTest::InProcess(v) => Ok(v.shutdown().await?),
+            VaultUnderTest::Child(mut c) => {
+                // SIGTERM for a clean shutdown (the audit sequencer writes its last checkpoint).
+                Command::new("kill")
+                    .args(["-TERM", &c.id().to_string()])
+                    .status()?;
+                c.wait()?;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// `taskset -c VAULT_CPU weightvault serve --dev` on the dev directory; returns once it answers.
+async fn serve_pinned(dir: &Path, ep: &mut Endpoint) -> Result<Child> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    ep.addr = format!("127.0.0.1:{port}");
+    // `taskset` execs the vault, so the child's pid is the vault's.
+    let mut child = Command::new("taskset")
+        .args([
+            "-c",
+            &VAULT_CPU.to_string(),
+            env!("CARGO_BIN_EXE_weightvault"),
+        ])
+        .args(["serve", "--dev", "--data-dir"])
+        .arg(dir)
+        .args(["--listen", &ep.addr])
+        .env("WEIGHTVAULT_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting taskset -c 0 weightvault serve")?;
+    let t = Instant::now();
+    while ep.connect().await.is_err() {
+        if let Some(status) = child.try_wait()? {
+            bail!("the vault exited: {status}");
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            bail!("the vault did not start within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(child)
+}
+
 fn main() -> Result<()> {
     let bytes = env_u64("WEIGHTVAULT_BENCH_BYTES", 1 << 30)?;
     let rounds = env_u64("WEIGHTVAULT_BENCH_ROUNDS", 3)? as usize;
+    let split = env_u64("WEIGHTVAULT_BENCH_SPLIT", 0)? != 0;
+    let digest = env_u64("WEIGHTVAULT_BENCH_DIGEST", 0)? != 0;
     if bytes == 0 || rounds == 0 {
         bail!("WEIGHTVAULT_BENCH_BYTES and WEIGHTVAULT_BENCH_ROUNDS must be positive");
     }
+    // Before pinning, which shrinks what this process may use to one core.
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(run(bytes, rounds))
+    if split {
+        // Every thread of this process, the runtime's workers included; threads started later
+        // inherit the mask of the thread that starts them.
+        taskset(&[
+            "-a",
+            "-p",
+            "-c",
+            &CLIENT_CPU.to_string(),
+            &std::process::id().to_string(),
+        ])?;
+    }
+    rt.block_on(run(bytes, rounds, split, digest, cores))
 }
 
-async fn run(bytes: u64, rounds: usize) -> Result<()> {
+async fn run(bytes: u64, rounds: usize, split: bool, digest: bool, cores: usize) -> Result<()> {
     println!("weightvault push bench");
     println!(
-        "  cores: {}",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+        "  cores: {cores}; mode: {}; push --digest: {}",
+        if split {
+            "split (vault: child process on CPU 0, client: this process on CPU 1, copy on CPU 0)"
+        } else {
+            "in-process (vault and client share the cores)"
+        },
+        if digest { "yes" } else { "no" }
     );
     // On the same file system as the vault's blobs, so both sides write to the same disk.
     let tmp = tempfile::tempdir_in(std::env::temp_dir())?;
     let dev_dir = tmp.path().join("vault");
     let (config_path, _) = dev::ensure(&dev_dir)?;
     let cfg = Config::load(&config_path)?;
-    let vault = weightvault::server::start(
-        &cfg,
-        StartOptions {
-            listen: Some("127.0.0.1:0".parse()?),
-            ..Default::default()
-        },
-    )
-    .await?;
-    let ep = Endpoint {
-        addr: vault.local_addr.to_string(),
+    let mut ep = Endpoint {
+        addr: String::new(),
         ca_pem: std::fs::read(dev_dir.join(files::CA_CERT))?,
         identity: Some((
             std::fs::read(dev_dir.join(files::ADMIN_CERT))?,
             std::fs::read(dev_dir.join(files::ADMIN_KEY))?,
         )),
     };
+    let vault = if split {
+        VaultUnderTest::Child(serve_pinned(&dev_dir, &mut ep).await?)
+    } else {
+        let v = weightvault::server::start(
+            &cfg,
+            StartOptions {
+                listen: Some("127.0.0.1:0".parse()?),
+                ..Default::default()
+            },
+        )
+        .await?;
+        ep.addr = v.local_addr.to_string();
+        VaultUnderTest::InProcess(v)
+    };
+    let copy_cpu = split.then_some(VAULT_CPU);
     let src = tmp.path().join("weights.bin");
     write_model(&src, bytes)?;
     println!(
@@ -150,35 +297,48 @@ async fn run(bytes: u64, rounds: usize) -> Result<()> {
         bytes as f64 / (1u64 << 30) as f64,
         cfg.storage.chunk_size
     );
+    let opts = PushOptions {
+        record_digest: digest,
+    };
     let mut admin = AdminClient::new(ep.connect().await?);
-    let hwm_before = vm_hwm_kib();
-    admin.push("warm", collect_files(&src)?, |_| {}).await?;
-    copy_fsync(&src, &tmp.path().join("copy.bin"))?;
+    let hwm_before = vm_hwm_kib(vault.pid());
+    admin
+        .push_with("warm", collect_files(&src)?, &opts, |_| {})
+        .await?;
+    copy_fsync_on(copy_cpu, &src, &tmp.path().join("copy.bin"))?;
     let (mut base, mut push) = (Vec::new(), Vec::new());
+    let cpu_header = if split {
+        format!("{:>9} {:>10}", "vault cpu", "client cpu")
+    } else {
+        format!("{:>9}", "push cpu")
+    };
     println!(
-        "  {:>5} {:>10} {:>10} {:>10} {:>10} {:>9} {:>7}",
-        "round", "copy s", "copy GB/s", "push s", "push GB/s", "push cpu", "ratio"
+        "  {:>5} {:>10} {:>10} {:>10} {:>10} {cpu_header} {:>7}",
+        "round", "copy s", "copy GB/s", "push s", "push GB/s", "ratio"
     );
     for i in 0..rounds {
-        let a = copy_fsync(&src, &tmp.path().join("copy.bin"))?;
-        let cpu = cpu_secs();
+        let a = copy_fsync_on(copy_cpu, &src, &tmp.path().join("copy.bin"))?;
+        let (client0, vault0) = (cpu_secs(None), vault.pid().map(|p| cpu_secs(Some(p))));
         let t = Instant::now();
         let r = admin
-            .push(&format!("m{i}"), collect_files(&src)?, |_| {})
+            .push_with(&format!("m{i}"), collect_files(&src)?, &opts, |_| {})
             .await?;
         let b = t.elapsed().as_secs_f64();
-        let cpu = cpu_secs() - cpu;
+        let client = cpu_secs(None) - client0;
+        let cpu = match (vault0, vault.pid()) {
+            (Some(v0), Some(p)) => format!("{:>9.2} {client:>10.2}", cpu_secs(Some(p)) - v0),
+            _ => format!("{client:>9.2}"),
+        };
         if r.total_bytes != bytes {
             bail!("pushed {} bytes, expected {bytes}", r.total_bytes);
         }
         println!(
-            "  {:>5} {:>10.3} {:>10.2} {:>10.3} {:>10.2} {:>9.2} {:>7.3}",
+            "  {:>5} {:>10.3} {:>10.2} {:>10.3} {:>10.2} {cpu} {:>7.3}",
             i + 1,
             a,
             bytes as f64 / a / 1e9,
             b,
             bytes as f64 / b / 1e9,
-            cpu,
             a / b
         );
         base.push(a);
@@ -190,10 +350,16 @@ async fn run(bytes: u64, rounds: usize) -> Result<()> {
         a / b
     );
     println!(
-        "  process peak RSS (vault and client in this process): {} MiB before the pushes, {} MiB after",
+        "  peak RSS ({}): {} MiB before the pushes, {} MiB after",
+        if split {
+            "the vault process"
+        } else {
+            "vault and client in this process"
+        },
         hwm_before / 1024,
-        vm_hwm_kib() / 1024
+        vm_hwm_kib(vault.pid()) / 1024
     );
-    vault.shutdown().await?;
+    drop(admin);
+    vault.stop().await?;
     Ok(())
 }

@@ -36,7 +36,8 @@ async fn fetch_all(
 /// Sets up a vault with model "m" pushed and MEASUREMENT allowed.
 async fn ready(tmp: &std::path::Path) -> Vault {
     let v = Vault::start(&tmp.join("data")).await;
-    v.push_dir("m", &model_dir(tmp)).await;
+    // With digests: the library test below fetches with `verify_digest`.
+    v.push_dir_with_digest("m", &model_dir(tmp)).await;
     assert!(
         v.admin()
             .await

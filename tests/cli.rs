@@ -21,7 +21,8 @@ fn quickstart_push_allow_fetch_audit() {
     std::fs::write(src.join("tok/tokenizer.json"), b"{\"v\":1}").unwrap();
     let s = serve(&data);
 
-    let out = s.ok(&["model", "push", "demo", src.to_str().unwrap()]);
+    // With --digest: the fetch below checks them with --verify-digest.
+    let out = s.ok(&["model", "push", "demo", src.to_str().unwrap(), "--digest"]);
     assert_eq!(out.trim(), "pushed demo@1: 3 files, 5000009 bytes");
     let out = s.ok(&["model", "list"]);
     assert!(

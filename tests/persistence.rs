@@ -99,6 +99,7 @@ async fn interrupted_push_leaves_nothing_and_the_vault_keeps_serving() {
     let msg = |m| PushModelRequest { msg: Some(m) };
     tx.send(msg(Msg::Start(PushStart {
         model: "big".into(),
+        ..Default::default()
     })))
     .await
     .unwrap();
@@ -184,7 +185,10 @@ async fn push_refuses_bad_uploads_before_committing() {
     let cases: Vec<(Vec<PushModelRequest>, &str)> = vec![
         (
             vec![
-                msg(Msg::Start(PushStart { model: "m".into() })),
+                msg(Msg::Start(PushStart {
+                    model: "m".into(),
+                    ..Default::default()
+                })),
                 msg(Msg::Finish(Default::default())),
             ],
             "at least one file",
@@ -199,12 +203,16 @@ async fn push_refuses_bad_uploads_before_committing() {
         (
             vec![msg(Msg::Start(PushStart {
                 model: "bad/name".into(),
+                ..Default::default()
             }))],
             "model name",
         ),
         (
             vec![
-                msg(Msg::Start(PushStart { model: "m".into() })),
+                msg(Msg::Start(PushStart {
+                    model: "m".into(),
+                    ..Default::default()
+                })),
                 msg(Msg::File(FileStart {
                     path: "../x".into(),
                     size: 1,
@@ -214,7 +222,10 @@ async fn push_refuses_bad_uploads_before_committing() {
         ),
         (
             vec![
-                msg(Msg::Start(PushStart { model: "m".into() })),
+                msg(Msg::Start(PushStart {
+                    model: "m".into(),
+                    ..Default::default()
+                })),
                 msg(Msg::File(FileStart {
                     path: "a".into(),
                     size: 5,
@@ -226,7 +237,10 @@ async fn push_refuses_bad_uploads_before_committing() {
         ),
         (
             vec![
-                msg(Msg::Start(PushStart { model: "m".into() })),
+                msg(Msg::Start(PushStart {
+                    model: "m".into(),
+                    ..Default::default()
+                })),
                 msg(Msg::File(FileStart {
                     path: "a".into(),
                     size: 2,
@@ -237,7 +251,10 @@ async fn push_refuses_bad_uploads_before_committing() {
         ),
         (
             vec![
-                msg(Msg::Start(PushStart { model: "m".into() })),
+                msg(Msg::Start(PushStart {
+                    model: "m".into(),
+                    ..Default::default()
+                })),
                 msg(Msg::File(FileStart {
                     path: "a".into(),
                     size: 0,
@@ -251,7 +268,10 @@ async fn push_refuses_bad_uploads_before_committing() {
         ),
         (
             vec![
-                msg(Msg::Start(PushStart { model: "m".into() })),
+                msg(Msg::Start(PushStart {
+                    model: "m".into(),
+                    ..Default::default()
+                })),
                 msg(Msg::File(FileStart {
                     path: "a".into(),
                     size: 0,

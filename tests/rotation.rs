@@ -19,7 +19,8 @@ async fn push_versions(
         let dir = root.join(format!("src-{i}"));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("w.bin"), bytes(100_000 + i * 1000, i as u64 + 1)).unwrap();
-        let version = v.push_dir(model, &dir).await;
+        // With digests: `fetch_all` checks them.
+        let version = v.push_dir_with_digest(model, &dir).await;
         out.push((model.to_string(), version, dir));
     }
     v.admin()
@@ -139,7 +140,7 @@ async fn rotation_rewraps_every_dek_and_retires_the_old_kek() {
     let src = tmp.path().join("src-new");
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(src.join("w.bin"), bytes(5000, 99)).unwrap();
-    assert_eq!(v.push_dir("b", &src).await, 2);
+    assert_eq!(v.push_dir_with_digest("b", &src).await, 2);
     v.stop().await;
     let v = Vault::start(&data).await;
     let s = v.admin().await.key_status().await.unwrap();

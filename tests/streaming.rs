@@ -37,7 +37,8 @@ fn multi_file_dir(root: &Path) -> PathBuf {
 async fn ready(tmp: &Path) -> (Vault, PathBuf) {
     let v = Vault::start(&tmp.join("data")).await;
     let src = multi_file_dir(tmp);
-    v.push_dir("m", &src).await;
+    // With digests: one of the fetches below checks them.
+    v.push_dir_with_digest("m", &src).await;
     v.admin()
         .await
         .allow("m", "sim", MEASUREMENT)

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Subcommand;
 
 use super::ConnArgs;
-use crate::client::admin::AdminClient;
+use crate::client::admin::{AdminClient, PushOptions};
 use crate::client::collect_files;
 
 #[derive(Subcommand)]
@@ -17,6 +17,13 @@ pub enum ModelCmd {
         name: String,
         /// A file or a directory (safetensors shards, config.json, tokenizer files, ...).
         path: PathBuf,
+        /// Record each file's SHA-256 of the plaintext in the signed manifest, for provenance
+        /// (for example to compare with a model-signing digest) and for
+        /// `node fetch --verify-digest`, which refuses a version pushed without it. Costs the
+        /// vault a SHA-256 pass over every byte. Integrity does not need it: every chunk is
+        /// authenticated and the manifest is signed either way.
+        #[arg(long)]
+        digest: bool,
         #[command(flatten)]
         conn: ConnArgs,
     },
@@ -56,7 +63,12 @@ pub enum ModelCmd {
 
 pub async fn run(cmd: ModelCmd) -> anyhow::Result<ExitCode> {
     match cmd {
-        ModelCmd::Push { name, path, conn } => {
+        ModelCmd::Push {
+            name,
+            path,
+            digest,
+            conn,
+        } => {
             // Bad input is refused before anything is sent.
             let files = collect_files(&path)?;
             let total: u64 = files.iter().map(|f| f.2).sum();
@@ -71,8 +83,11 @@ pub async fn run(cmd: ModelCmd) -> anyhow::Result<ExitCode> {
             );
             bar.set_message(format!("pushing {name}"));
             let b = bar.clone();
+            let opts = PushOptions {
+                record_digest: digest,
+            };
             let r = client
-                .push(&name, files, move |sent| b.set_position(sent))
+                .push_with(&name, files, &opts, move |sent| b.set_position(sent))
                 .await;
             bar.finish_and_clear();
             let r = r?;
@@ -137,7 +152,9 @@ pub async fn run(cmd: ModelCmd) -> anyhow::Result<ExitCode> {
                             "total_bytes": v.total_bytes,
                             "kek_version": v.kek_version,
                             "files": v.files.iter().map(|f| serde_json::json!({
-                                "path": f.path, "size": f.size, "chunks": f.chunks, "sha256": f.sha256,
+                                "path": f.path, "size": f.size, "chunks": f.chunks,
+                                // null: pushed without --digest.
+                                "sha256": (!f.sha256.is_empty()).then_some(&f.sha256),
                             })).collect::<Vec<_>>(),
                         })
                     })
@@ -158,10 +175,12 @@ pub async fn run(cmd: ModelCmd) -> anyhow::Result<ExitCode> {
                         v.kek_version
                     );
                     for f in &v.files {
-                        println!(
-                            "    {:<48} {:>14} bytes  sha256 {}",
-                            f.path, f.size, f.sha256
-                        );
+                        let sha256 = if f.sha256.is_empty() {
+                            "- (pushed without --digest)"
+                        } else {
+                            &f.sha256
+                        };
+                        println!("    {:<48} {:>14} bytes  sha256 {sha256}", f.path, f.size);
                     }
                 }
             }

@@ -44,7 +44,8 @@ pub enum NodeCmd {
         #[arg(long, default_value = "sim-node")]
         instance_id: String,
         /// Also check every file's SHA-256 against the signed manifest (a SHA-256 pass over
-        /// the plaintext; off by default).
+        /// the plaintext; off by default). Needs a version pushed with `model push --digest`;
+        /// a version without recorded digests is refused before anything is fetched.
         #[arg(long)]
         verify_digest: bool,
         /// Streams at once: files, and chunk ranges of large files, fetched in parallel.

@@ -1,9 +1,9 @@
 //! Admin calls: push a model version, list, show and destroy models, access policy, KEK
 //! rotation.
 
+use std::io::Read;
 use std::path::PathBuf;
 
-use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
@@ -20,6 +20,18 @@ use crate::server::MAX_MESSAGE;
 
 /// Plaintext bytes per upload message.
 const UPLOAD_PIECE: usize = 1024 * 1024;
+/// Upload messages read ahead of the network.
+const READ_AHEAD: usize = 4;
+
+/// Options of one push.
+#[derive(Clone, Debug, Default)]
+pub struct PushOptions {
+    /// Have the vault record each file's SHA-256 of the plaintext in the signed manifest
+    /// (`weightvault model push --digest`). Provenance only: integrity comes from the AEAD tags
+    /// and the manifest signature. Needed by fetches with `FetchOptions::verify_digest`; costs
+    /// the vault a SHA-256 pass over every byte, so it is off by default.
+    pub record_digest: bool,
+}
 
 pub struct AdminClient {
     inner: AdminServiceClient<Channel>,
@@ -32,62 +44,36 @@ impl AdminClient {
         }
     }
 
-    /// Uploads files as a new version of `model`. `files` are `(path in model, path on disk,
-    /// size)` as from [`super::collect_files`]; `progress` gets the bytes sent so far.
+    /// Uploads files as a new version of `model` with the default [`PushOptions`] (no digests).
+    /// `files` are `(path in model, path on disk, size)` as from [`super::collect_files`];
+    /// `progress` gets the bytes sent so far.
     pub async fn push(
         &mut self,
         model: &str,
         files: Vec<(String, PathBuf, u64)>,
         progress: impl Fn(u64) + Send + 'static,
     ) -> Result<PushModelResponse, ClientError> {
-        let (tx, rx) = mpsc::channel::<PushModelRequest>(4);
-        let model = model.to_string();
-        // The reader stops at the first error and drops the sender without `finish`, so the
-        // vault discards the partial upload.
-        let reader = tokio::spawn(async move {
-            let send = |msg| PushModelRequest { msg: Some(msg) };
-            if tx
-                .send(send(Msg::Start(PushStart { model })))
-                .await
-                .is_err()
-            {
-                return Ok(());
-            }
-            let mut sent = 0u64;
-            for (rel, path, size) in files {
-                let mut f = tokio::fs::File::open(&path)
-                    .await
-                    .map_err(|e| ClientError::io(&path, e))?;
-                if tx
-                    .send(send(Msg::File(FileStart { path: rel, size })))
-                    .await
-                    .is_err()
-                {
-                    return Ok(());
-                }
-                let mut left = size;
-                while left > 0 {
-                    let mut buf = vec![0u8; UPLOAD_PIECE.min(left as usize)];
-                    f.read_exact(&mut buf).await.map_err(|e| {
-                        ClientError::io(
-                            &path,
-                            std::io::Error::new(
-                                e.kind(),
-                                format!("{e} (did the file change during the push?)"),
-                            ),
-                        )
-                    })?;
-                    left -= buf.len() as u64;
-                    sent += buf.len() as u64;
-                    if tx.send(send(Msg::Data(buf.into()))).await.is_err() {
-                        return Ok(());
-                    }
-                    progress(sent);
-                }
-            }
-            let _ = tx.send(send(Msg::Finish(PushFinish {}))).await;
-            Ok::<(), ClientError>(())
-        });
+        self.push_with(model, files, &PushOptions::default(), progress)
+            .await
+    }
+
+    /// Like [`Self::push`], with options.
+    pub async fn push_with(
+        &mut self,
+        model: &str,
+        files: Vec<(String, PathBuf, u64)>,
+        opts: &PushOptions,
+        progress: impl Fn(u64) + Send + 'static,
+    ) -> Result<PushModelResponse, ClientError> {
+        let (tx, rx) = mpsc::channel::<PushModelRequest>(READ_AHEAD);
+        let start = PushStart {
+            model: model.to_string(),
+            record_digest: opts.record_digest,
+        };
+        // One blocking thread reads the files with plain `read` calls straight into each
+        // message's buffer (no zero-fill, no intermediate buffer as with `tokio::fs`) while the
+        // runtime encodes and sends the previous pieces.
+        let reader = tokio::task::spawn_blocking(move || read_files(&tx, start, files, progress));
         let result = self.inner.push_model(ReceiverStream::new(rx)).await;
         let read = reader
             .await
@@ -306,4 +292,60 @@ impl AdminClient {
             .await?
             .into_inner())
     }
+}
+
+/// Sends start, then each file's start and bytes, then finish. Stops at the first error and
+/// drops the sender without `finish`, so the vault discards the partial upload; stops quietly
+/// when the call ended (the vault's answer says why).
+fn read_files(
+    tx: &mpsc::Sender<PushModelRequest>,
+    start: PushStart,
+    files: Vec<(String, PathBuf, u64)>,
+    progress: impl Fn(u64),
+) -> Result<(), ClientError> {
+    let send = |msg| {
+        tx.blocking_send(PushModelRequest { msg: Some(msg) })
+            .is_ok()
+    };
+    if !send(Msg::Start(start)) {
+        return Ok(());
+    }
+    let mut sent = 0u64;
+    for (rel, path, size) in files {
+        let mut f = std::fs::File::open(&path).map_err(|e| ClientError::io(&path, e))?;
+        if !send(Msg::File(FileStart { path: rel, size })) {
+            return Ok(());
+        }
+        let mut left = size;
+        while left > 0 {
+            let want = left.min(UPLOAD_PIECE as u64);
+            let mut buf = Vec::with_capacity(want as usize);
+            // `read_to_end` fills the spare capacity without initializing it first.
+            let got = (&mut f)
+                .take(want)
+                .read_to_end(&mut buf)
+                .map_err(|e| ClientError::io(&path, e))?;
+            if (got as u64) < want {
+                return Err(ClientError::io(
+                    &path,
+                    std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!(
+                            "file ended after {} of {size} bytes (did the file change during \
+                             the push?)",
+                            size - left + got as u64
+                        ),
+                    ),
+                ));
+            }
+            left -= want;
+            sent += want;
+            if !send(Msg::Data(buf.into())) {
+                return Ok(());
+            }
+            progress(sent);
+        }
+    }
+    let _ = send(Msg::Finish(PushFinish {}));
+    Ok(())
 }

@@ -273,7 +273,9 @@ pub struct FetchOptions {
     /// 0 = latest.
     pub version: u64,
     /// Also check each file's SHA-256 from the signed manifest (costs a SHA-256 pass; files are
-    /// then not split into ranges).
+    /// then not split into ranges). The version must have been pushed with digests
+    /// (`PushOptions::record_digest`); otherwise the fetch is refused before any chunk is asked
+    /// for.
     pub verify_digest: bool,
     /// Pin the vault's manifest signing key instead of trusting the one the vault sends.
     pub manifest_key: Option<[u8; 32]>,
@@ -562,6 +564,9 @@ impl Granted {
         sink: &mut dyn WeightSink,
         progress: &mut (dyn FnMut(u64, u64) + Send),
     ) -> Result<FetchReport, ClientError> {
+        if opts.verify_digest {
+            self.check_digests_recorded()?;
+        }
         let parallel = if opts.parallel == 0 {
             DEFAULT_PARALLEL
         } else {
@@ -596,7 +601,12 @@ impl Granted {
                     let Some(r) = ranges.lock().expect("range queue").pop_front() else {
                         return;
                     };
-                    let digest = verify.then(|| this.manifest.files[r.file].sha256);
+                    // Present for every file: checked before the fetch started.
+                    let digest = if verify {
+                        this.manifest.files[r.file].sha256
+                    } else {
+                        None
+                    };
                     let n = match this
                         .stream_range(r, digest, retries, pool.clone(), tx.clone())
                         .await
@@ -641,6 +651,37 @@ impl Granted {
             bytes: done,
             resumed: resumed.load(std::sync::atomic::Ordering::Relaxed),
         })
+    }
+
+    /// A digest check needs a digest for every file: refuses, before anything is fetched, a
+    /// version pushed without them (its manifest's `sha256` is null, docs/format.md §7.1).
+    fn check_digests_recorded(&self) -> Result<(), ClientError> {
+        let missing: Vec<&str> = self
+            .manifest
+            .files
+            .iter()
+            .filter(|f| f.sha256.is_none())
+            .map(|f| f.path.as_str())
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        const SHOWN: usize = 5;
+        let mut list = missing
+            .iter()
+            .take(SHOWN)
+            .map(|p| format!("{p:?}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        if missing.len() > SHOWN {
+            list.push_str(&format!(" and {} more", missing.len() - SHOWN));
+        }
+        Err(ClientError::Usage(format!(
+            "cannot verify digests: {}@{} has no recorded SHA-256 for {list}; it was pushed \
+             without digests (push it again with `weightvault model push --digest`, or fetch \
+             without --verify-digest: every chunk is authenticated either way)",
+            self.manifest.model, self.manifest.version
+        )))
     }
 
     /// The streams of a whole-version fetch, largest first: one per file, and large files cut

@@ -1,5 +1,5 @@
 //! The signed manifest of one model version: which files it has, their sizes, chunk counts,
-//! plaintext digests and headers. Its bytes are canonical JSON (one encoding per value, checked
+//! headers and, when the push asked for them, plaintext digests. Its bytes are canonical JSON (one encoding per value, checked
 //! by a round trip) and the vault signs exactly those bytes with Ed25519.
 
 use aws_lc_rs::signature::{self, Ed25519KeyPair, UnparsedPublicKey};
@@ -45,9 +45,11 @@ pub struct ManifestFile {
     pub size: u64,
     /// Number of stored chunks.
     pub chunks: u64,
-    /// SHA-256 of the whole plaintext, lowercase hex in JSON.
-    #[serde(with = "hex_array")]
-    pub sha256: [u8; 32],
+    /// SHA-256 of the whole plaintext, lowercase hex in JSON; `None` (JSON `null`, the field
+    /// still present) when the push recorded no digest. Integrity does not rest on it (the
+    /// AEAD tags and the signature do); it is provenance, checked by `--verify-digest`.
+    #[serde(with = "hex_option")]
+    pub sha256: Option<[u8; 32]>,
     /// The file's encoded envelope header, lowercase hex in JSON.
     #[serde(with = "hex_array")]
     pub header: [u8; HEADER_LEN],
@@ -253,6 +255,30 @@ mod hex_array {
     }
 }
 
+/// An optional fixed-size byte array: lowercase hex, or JSON `null` for `None`. The field is
+/// required either way (no `#[serde(default)]`): absence has exactly one spelling.
+mod hex_option {
+    use super::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer, const N: usize>(
+        bytes: &Option<[u8; N]>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match bytes {
+            Some(b) => super::hex_array::serialize(b, serializer),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>, const N: usize>(
+        deserializer: D,
+    ) -> Result<Option<[u8; N]>, D::Error> {
+        #[derive(Deserialize)]
+        struct Hex<const M: usize>(#[serde(with = "super::hex_array")] [u8; M]);
+        Ok(Option::<Hex<N>>::deserialize(deserializer)?.map(|h| h.0))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,7 +289,7 @@ mod tests {
             path: path.to_owned(),
             size,
             chunks: header.chunk_count(),
-            sha256: [0xab; 32],
+            sha256: Some([0xab; 32]),
             header: header.encode(),
         }
     }
@@ -354,6 +380,51 @@ mod tests {
                 String::from_utf8_lossy(&bad)
             );
         }
+    }
+
+    #[test]
+    fn absent_digest_is_null_and_round_trips() {
+        let mut m = manifest();
+        m.files[1].sha256 = None;
+        let bytes = m.to_bytes();
+        let text = std::str::from_utf8(&bytes).unwrap();
+        assert!(
+            text.contains("\"path\":\"weights/0.bin\",\"size\":10000,\"chunks\":3,\"sha256\":null,\"header\":\""),
+            "{text}"
+        );
+        assert_eq!(Manifest::from_bytes(&bytes).unwrap(), m);
+        // Signed and verified like any other manifest.
+        let key = key();
+        let sig = sign_manifest(&key, &bytes).unwrap();
+        assert_eq!(verify_manifest(&public(&key), &bytes, &sig).unwrap(), m);
+    }
+
+    #[test]
+    fn absent_digest_has_one_spelling() {
+        let digest = format!("\"sha256\":\"{}\"", "ab".repeat(32));
+        // A missing field, an empty string, a string "null", short hex: schema errors.
+        for bad in [
+            edited(&format!("{digest},"), ""),
+            edited(&digest, "\"sha256\":\"\""),
+            edited(&digest, "\"sha256\":\"null\""),
+            edited(&digest, "\"sha256\":\"abab\""),
+            edited(&digest, "\"sha256\":false"),
+            edited(&digest, "\"sha256\":[]"),
+        ] {
+            assert!(
+                matches!(reject(&bad), ManifestError::Json(_)),
+                "{}",
+                String::from_utf8_lossy(&bad)
+            );
+        }
+        // `null` in another spelling the parser tolerates is not canonical.
+        let spaced = edited(&digest, "\"sha256\": null");
+        assert!(matches!(reject(&spaced), ManifestError::NotCanonical));
+        // All-zero hex is a digest (of no plaintext anyone has), not absence.
+        let zero = edited(&digest, &format!("\"sha256\":\"{}\"", "00".repeat(32)));
+        let parsed = Manifest::from_bytes(&zero).unwrap();
+        assert_eq!(parsed.files[0].sha256, Some([0; 32]));
+        assert_eq!(parsed.to_bytes(), zero);
     }
 
     #[test]

@@ -59,34 +59,61 @@ struct UploadGuard {
     vault: Arc<Vault>,
     id: [u8; 16],
     armed: bool,
-    /// Chunk writes in flight (each fsyncs; several at once keep the disk busy).
-    puts: tokio::task::JoinSet<Result<(), StoreError>>,
+    /// Chunk writes in flight; each gives its buffer back when the store let go of it.
+    puts: tokio::task::JoinSet<Result<Option<Vec<u8>>, StoreError>>,
+    /// Chunk buffers handed back by finished writes, reused for the next chunks: a fresh
+    /// multi-MiB allocation per chunk may come back from the allocator as new pages, each a
+    /// page fault that the kernel zeroes. They hold ciphertext only (sealed in place).
+    spare: Vec<Vec<u8>>,
 }
 
-/// Chunk writes in flight per push: fsyncs overlap, memory stays at a few chunks.
+/// Chunk writes in flight per push: writes to the page cache overlap with receiving and
+/// sealing the next chunk, and memory stays at a few chunks.
 const PUTS_IN_FLIGHT: usize = 4;
 
-fn joined(r: Result<Result<(), StoreError>, tokio::task::JoinError>) -> Result<(), StoreError> {
-    r.map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?
-}
-
 impl UploadGuard {
+    fn joined(
+        &mut self,
+        r: Result<Result<Option<Vec<u8>>, StoreError>, tokio::task::JoinError>,
+    ) -> Result<(), StoreError> {
+        let buf = r.map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))??;
+        if let Some(mut buf) = buf {
+            buf.clear();
+            self.spare.push(buf);
+        }
+        Ok(())
+    }
+
+    /// An empty buffer with room for one sealed chunk: a recycled one when there is one.
+    fn buffer(&mut self, capacity: usize) -> Vec<u8> {
+        match self.spare.pop() {
+            Some(buf) if buf.capacity() >= capacity => buf,
+            _ => Vec::with_capacity(capacity),
+        }
+    }
+
     /// Stores a chunk in the background, waiting first while [`PUTS_IN_FLIGHT`] are running.
-    async fn put(&mut self, key: String, data: Bytes) -> Result<(), StoreError> {
+    async fn put(&mut self, key: String, data: Vec<u8>) -> Result<(), StoreError> {
         while self.puts.len() >= PUTS_IN_FLIGHT {
             if let Some(r) = self.puts.join_next().await {
-                joined(r)?;
+                self.joined(r)?;
             }
         }
         let blobs = self.vault.blobs.clone();
-        self.puts.spawn(async move { blobs.put(&key, data).await });
+        self.puts.spawn(async move {
+            // `Bytes::from(Vec)` and back are moves, not copies. The buffer comes back only if
+            // the store kept no reference to it once `put` returned.
+            let data = Bytes::from(data);
+            blobs.put(&key, data.clone()).await?;
+            Ok(data.try_into_mut().ok().map(Vec::from))
+        });
         Ok(())
     }
 
     /// Waits for every chunk write; the first failure is returned.
     async fn flush(&mut self) -> Result<(), StoreError> {
         while let Some(r) = self.puts.join_next().await {
-            joined(r)?;
+            self.joined(r)?;
         }
         Ok(())
     }
@@ -121,7 +148,9 @@ struct FileInProgress {
     sealer: Option<FileSealer>,
     buf: Vec<u8>,
     received: u64,
-    sha256: digest::Context,
+    /// Only when the push asked to record digests (`PushStart.record_digest`): integrity comes
+    /// from the AEAD tags and the signed manifest, so the hot path does not hash by default.
+    sha256: Option<digest::Context>,
 }
 
 impl AdminApi {
@@ -142,8 +171,8 @@ impl AdminApi {
                 Err(_) => Err(ApiError::InvalidArgument("upload stream broke off".into())),
             }
         };
-        let model = match next(stream.message().await)? {
-            Some(Msg::Start(s)) => s.model,
+        let (model, record_digest) = match next(stream.message().await)? {
+            Some(Msg::Start(s)) => (s.model, s.record_digest),
             _ => {
                 return Err(ApiError::InvalidArgument(
                     "a push must begin with start".into(),
@@ -162,6 +191,7 @@ impl AdminApi {
             id: version_id,
             armed: true,
             puts: tokio::task::JoinSet::new(),
+            spare: Vec::new(),
         };
         // Wrapped only at commit, under the KEK active then (a rotation may run meanwhile).
         let dek = v
@@ -206,9 +236,9 @@ impl AdminApi {
                         path: f.path,
                         header,
                         sealer: Some(sealer),
-                        buf: Vec::with_capacity(chunk_size as usize + TAG_LEN),
+                        buf: guard.buffer(chunk_size as usize + TAG_LEN),
                         received: 0,
-                        sha256: digest::Context::new(&digest::SHA256),
+                        sha256: record_digest.then(|| digest::Context::new(&digest::SHA256)),
                     });
                 }
                 Msg::Data(data) => {
@@ -328,7 +358,9 @@ impl AdminApi {
             )));
         }
         file.received += data.len() as u64;
-        file.sha256.update(data);
+        if let Some(sha256) = file.sha256.as_mut() {
+            sha256.update(data);
+        }
         while !data.is_empty() {
             let sealer = file.sealer.as_ref().expect("sealer present until finish");
             let want = file
@@ -341,13 +373,16 @@ impl AdminApi {
             if file.buf.len() == want && !sealer.is_last_next() {
                 let sealer = file.sealer.as_mut().expect("sealer");
                 let index = sealer.seal_next(&mut file.buf);
-                self.store_chunk(rid, guard, version_id, &file.path, index, &mut file.buf)
+                let next = guard.buffer(file.buf.capacity());
+                let chunk = std::mem::replace(&mut file.buf, next);
+                self.store_chunk(rid, guard, version_id, &file.path, index, chunk)
                     .await?;
             }
         }
         Ok(())
     }
 
+    /// Hands a sealed chunk to the blob store as it is (no copy).
     async fn store_chunk(
         &self,
         rid: &str,
@@ -355,9 +390,8 @@ impl AdminApi {
         version_id: &[u8; 16],
         path: &str,
         index: u64,
-        buf: &mut Vec<u8>,
+        chunk: Vec<u8>,
     ) -> Result<(), ApiError> {
-        let chunk = Bytes::from(std::mem::replace(buf, Vec::with_capacity(buf.capacity())));
         guard
             .put(chunk_key(version_id, path, index), chunk)
             .await
@@ -380,10 +414,14 @@ impl AdminApi {
         }
         let sealer = file.sealer.take().expect("sealer");
         let index = sealer.finish(&mut file.buf);
-        self.store_chunk(rid, guard, version_id, &file.path, index, &mut file.buf)
+        let chunk = std::mem::take(&mut file.buf);
+        self.store_chunk(rid, guard, version_id, &file.path, index, chunk)
             .await?;
-        let mut sha256 = [0u8; 32];
-        sha256.copy_from_slice(file.sha256.finish().as_ref());
+        let sha256 = file.sha256.map(|ctx| {
+            let mut out = [0u8; 32];
+            out.copy_from_slice(ctx.finish().as_ref());
+            out
+        });
         Ok(ManifestFile {
             path: file.path,
             size,
@@ -420,7 +458,7 @@ impl AdminApi {
                         path: f.path,
                         size: f.size,
                         chunks: f.chunks,
-                        sha256: hex::encode(f.sha256),
+                        sha256: f.sha256.map(hex::encode).unwrap_or_default(),
                     })
                     .collect(),
             });

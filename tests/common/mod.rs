@@ -183,6 +183,21 @@ impl Vault {
             .unwrap()
             .version
     }
+
+    /// Like [`Self::push_dir`], with each file's plaintext SHA-256 recorded in the manifest
+    /// (what a fetch with `verify_digest` needs).
+    pub async fn push_dir_with_digest(&self, model: &str, dir: &Path) -> u64 {
+        let files = weightvault::client::collect_files(dir).unwrap();
+        let opts = weightvault::client::admin::PushOptions {
+            record_digest: true,
+        };
+        self.admin()
+            .await
+            .push_with(model, files, &opts, |_| {})
+            .await
+            .unwrap()
+            .version
+    }
 }
 
 impl Drop for Vault {
