@@ -473,12 +473,31 @@ impl NodeApi {
             let mut outcome = "complete".to_string();
             // Bounded server memory: wait for a sending slot (held until the stream ends).
             let _slot = vault.stream_slots.clone().acquire_owned().await;
+            // The grant as last read, the store's revocation epoch before that read, and when.
+            let mut last_read: Option<(GrantRecord, Option<u64>, u64)> = None;
             for index in req.first_chunk..end {
-                // Validity is checked per chunk, so expiry stops a stream within one chunk.
-                let live = match vault.store.get_grant(&grant.grant_id).await {
-                    Ok(Some(g)) => check_live(&g, vault.now()),
-                    Ok(None) => Err(ApiError::PermissionDenied("grant no longer exists".into())),
-                    Err(e) => Err(internal(&rid, "loading grant", e)),
+                // Validity is checked per chunk, so revocation and expiry stop a stream within
+                // one chunk. The grant row is read again unless the store vouches that no
+                // revocation committed since the last read (the embedded store, which only
+                // this process writes), and at least every GRANT_REREAD_MS regardless.
+                let now = vault.now();
+                let epoch = vault.store.revocation_epoch();
+                let unchanged = last_read.as_ref().filter(|(_, seen, at)| {
+                    epoch.is_some() && *seen == epoch && now.saturating_sub(*at) < GRANT_REREAD_MS
+                });
+                let live = match unchanged {
+                    Some((g, _, _)) => check_live(g, now),
+                    None => match vault.store.get_grant(&grant.grant_id).await {
+                        Ok(Some(g)) => {
+                            let live = check_live(&g, vault.now());
+                            last_read = Some((g, epoch, now));
+                            live
+                        }
+                        Ok(None) => {
+                            Err(ApiError::PermissionDenied("grant no longer exists".into()))
+                        }
+                        Err(e) => Err(internal(&rid, "loading grant", e)),
+                    },
                 };
                 if let Err(e) = live {
                     outcome = e.reason().to_string();
@@ -554,6 +573,10 @@ impl NodeApi {
         Ok(rx)
     }
 }
+
+/// Longest time a stream relies on a grant row it read earlier, when the store reports that no
+/// revocation committed since ([`crate::store::MetadataStore::revocation_epoch`]).
+const GRANT_REREAD_MS: u64 = 1000;
 
 /// Memory the chunks of all FetchWeights streams may hold at once, roughly: each sending stream
 /// has up to four chunks in memory (being read, two queued, one encoded for HTTP/2).

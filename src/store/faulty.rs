@@ -227,6 +227,10 @@ impl MetadataStore for FaultyStore {
         self.inner.get_grant(grant_id).await
     }
 
+    fn revocation_epoch(&self) -> Option<u64> {
+        self.inner.revocation_epoch()
+    }
+
     async fn add_grant_bytes(&self, grant_id: &str, bytes: u64) -> Result<(), StoreError> {
         self.inner.add_grant_bytes(grant_id, bytes).await
     }

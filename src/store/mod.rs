@@ -311,6 +311,14 @@ pub trait MetadataStore: Send + Sync + 'static {
     /// Removes an allow rule; returns whether it existed.
     async fn remove_rule(&self, rule: &AccessRule) -> Result<bool, StoreError>;
     async fn get_grant(&self, grant_id: &str) -> Result<Option<GrantRecord>, StoreError>;
+    /// A counter that changes after every revocation this store commits (`revoke`,
+    /// `destroy_version`), when this process is the only one that can revoke (the embedded
+    /// store, held under the data directory's LOCK); `None` for stores other processes also
+    /// write (PostgreSQL shared by replicas). A caller that read a grant while the counter had
+    /// value `n` and sees `n` again knows no revocation has committed through this store since;
+    /// with `None` it must read the grant again. The counter moves only once a revocation's
+    /// commit has finished (or failed), also when the caller of `revoke` stopped waiting.
+    fn revocation_epoch(&self) -> Option<u64>;
     /// Adds to the bytes a grant has served.
     async fn add_grant_bytes(&self, grant_id: &str, bytes: u64) -> Result<(), StoreError>;
 

@@ -854,6 +854,11 @@ impl MetadataStore for PgStore {
         Ok(r.rows_affected() == 1)
     }
 
+    fn revocation_epoch(&self) -> Option<u64> {
+        // Other replicas revoke too: every check reads the grant row.
+        None
+    }
+
     async fn get_grant(&self, grant_id: &str) -> Result<Option<GrantRecord>, StoreError> {
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT {GRANT_COLS} FROM grants WHERE grant_id = $1"

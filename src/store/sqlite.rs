@@ -3,6 +3,8 @@
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -84,6 +86,8 @@ CREATE INDEX versions_by_kek ON versions (kek_version);
 /// once with SQLITE_BUSY whenever another connection committed in between (WAL snapshot rule).
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// [`MetadataStore::revocation_epoch`]: bumped when a revocation's transaction has ended.
+    revocations: Arc<AtomicU64>,
 }
 
 fn i(v: u64) -> i64 {
@@ -118,7 +122,10 @@ impl SqliteStore {
             .max_connections(4)
             .connect_with(opts)
             .await?;
-        let store = Self { pool };
+        let store = Self {
+            pool,
+            revocations: Arc::new(AtomicU64::new(0)),
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -199,6 +206,25 @@ fn proposal_from_row(r: &sqlx::sqlite::SqliteRow) -> Result<ProposalRecord, Stor
 
 const VERSION_COLS: &str = "model, version, version_id, kek_version, wrapped_dek, manifest, \
                             manifest_sig, total_bytes, created_ms";
+
+impl SqliteStore {
+    /// Runs a transaction that revokes grants in its own task, so that it finishes even when
+    /// the caller stops waiting, and moves the revocation epoch once it has ended, committed or
+    /// not: a stream that read a grant before the commit then reads it again.
+    async fn revoking<T: Send + 'static>(
+        &self,
+        tx: impl Future<Output = Result<T, StoreError>> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let epoch = self.revocations.clone();
+        tokio::spawn(async move {
+            let out = tx.await;
+            epoch.fetch_add(1, Ordering::SeqCst);
+            out
+        })
+        .await
+        .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?
+    }
+}
 
 #[async_trait]
 impl MetadataStore for SqliteStore {
@@ -697,45 +723,14 @@ impl MetadataStore for SqliteStore {
     }
 
     async fn revoke(&self, r: &Revocation) -> Result<u64, StoreError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        sqlx::query(
-            "INSERT OR REPLACE INTO revocations (kind, value, created_ms, reason) VALUES (?, ?, ?, ?)",
-        )
-        .bind(r.kind.as_str())
-        .bind(&r.value)
-        .bind(i(r.created_ms))
-        .bind(&r.reason)
-        .execute(&mut *tx)
-        .await?;
-        let update = match r.kind {
-            RevocationKind::Grant => {
-                sqlx::query("UPDATE grants SET revoked = 1 WHERE revoked = 0 AND grant_id = ?")
-                    .bind(&r.value)
-            }
-            RevocationKind::Node => {
-                sqlx::query("UPDATE grants SET revoked = 1 WHERE revoked = 0 AND instance_id = ?")
-                    .bind(&r.value)
-            }
-            RevocationKind::Measurement => {
-                sqlx::query("UPDATE grants SET revoked = 1 WHERE revoked = 0 AND measurement = ?")
-                    .bind(&r.value)
-            }
-            RevocationKind::Model => match r.value.split_once('@') {
-                Some((m, v)) => {
-                    let v: i64 = v.parse().map_err(|_| {
-                        StoreError::Corrupt(format!("revocation value {:?}", r.value))
-                    })?;
-                    sqlx::query("UPDATE grants SET revoked = 1 WHERE revoked = 0 AND model = ? AND version = ?").bind(m.to_string()).bind(v)
-                }
-                None => {
-                    sqlx::query("UPDATE grants SET revoked = 1 WHERE revoked = 0 AND model = ?")
-                        .bind(&r.value)
-                }
-            },
-        };
-        let n = update.execute(&mut *tx).await?.rows_affected();
-        tx.commit().await?;
-        Ok(n)
+        let pool = self.pool.clone();
+        let r = r.clone();
+        self.revoking(async move { revoke_tx(&pool, &r).await })
+            .await
+    }
+
+    fn revocation_epoch(&self) -> Option<u64> {
+        Some(self.revocations.load(Ordering::SeqCst))
     }
 
     async fn revocations(&self) -> Result<Vec<Revocation>, StoreError> {
@@ -846,53 +841,11 @@ impl MetadataStore for SqliteStore {
         now: UnixMs,
         reason: &str,
     ) -> Result<Option<DestroyedVersion>, StoreError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        let id: Option<Vec<u8>> = sqlx::query_scalar(
-            "DELETE FROM versions WHERE model = ? AND version = ? RETURNING version_id",
-        )
-        .bind(model)
-        .bind(i(version))
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(id) = id else {
-            return Ok(None);
-        };
-        let version_id: [u8; 16] = fixed(id, "version_id")?;
-        sqlx::query(
-            "INSERT INTO destroyed_versions (version_id, model, version, destroyed_ms, blobs_pending) \
-             VALUES (?, ?, ?, ?, 1)",
-        )
-        .bind(version_id.as_slice())
-        .bind(model)
-        .bind(i(version))
-        .bind(i(now))
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT OR REPLACE INTO revocations (kind, value, created_ms, reason) VALUES (?, ?, ?, ?)",
-        )
-        .bind(RevocationKind::Model.as_str())
-        .bind(format!("{model}@{version}"))
-        .bind(i(now))
-        .bind(reason)
-        .execute(&mut *tx)
-        .await?;
-        let grants_revoked = sqlx::query(
-            "UPDATE grants SET revoked = 1 WHERE revoked = 0 AND model = ? AND version = ?",
-        )
-        .bind(model)
-        .bind(i(version))
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        tx.commit().await?;
-        Ok(Some(DestroyedVersion {
-            model: model.to_string(),
-            version,
-            version_id,
-            destroyed_ms: now,
-            grants_revoked,
-        }))
+        let pool = self.pool.clone();
+        let model = model.to_string();
+        let reason = reason.to_string();
+        self.revoking(async move { destroy_tx(&pool, &model, version, now, &reason).await })
+            .await
     }
 
     async fn destroyed_pending_blobs(&self) -> Result<Vec<[u8; 16]>, StoreError> {
@@ -941,6 +894,108 @@ impl MetadataStore for SqliteStore {
         .await?;
         Ok(r.rows_affected() == 1)
     }
+}
+
+/// The transaction of [`SqliteStore::revoke`].
+async fn revoke_tx(pool: &SqlitePool, r: &Revocation) -> Result<u64, StoreError> {
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    sqlx::query(
+        "INSERT OR REPLACE INTO revocations (kind, value, created_ms, reason) VALUES (?, ?, ?, ?)",
+    )
+    .bind(r.kind.as_str())
+    .bind(&r.value)
+    .bind(i(r.created_ms))
+    .bind(&r.reason)
+    .execute(&mut *tx)
+    .await?;
+    let update = match r.kind {
+        RevocationKind::Grant => {
+            sqlx::query("UPDATE grants SET revoked = 1 WHERE revoked = 0 AND grant_id = ?")
+                .bind(&r.value)
+        }
+        RevocationKind::Node => {
+            sqlx::query("UPDATE grants SET revoked = 1 WHERE revoked = 0 AND instance_id = ?")
+                .bind(&r.value)
+        }
+        RevocationKind::Measurement => {
+            sqlx::query("UPDATE grants SET revoked = 1 WHERE revoked = 0 AND measurement = ?")
+                .bind(&r.value)
+        }
+        RevocationKind::Model => {
+            match r.value.split_once('@') {
+                Some((m, v)) => {
+                    let v: i64 = v.parse().map_err(|_| {
+                        StoreError::Corrupt(format!("revocation value {:?}", r.value))
+                    })?;
+                    sqlx::query("UPDATE grants SET revoked = 1 WHERE revoked = 0 AND model = ? AND version = ?").bind(m.to_string()).bind(v)
+                }
+                None => {
+                    sqlx::query("UPDATE grants SET revoked = 1 WHERE revoked = 0 AND model = ?")
+                        .bind(&r.value)
+                }
+            }
+        }
+    };
+    let n = update.execute(&mut *tx).await?.rows_affected();
+    tx.commit().await?;
+    Ok(n)
+}
+
+/// The transaction of [`SqliteStore::destroy_version`].
+async fn destroy_tx(
+    pool: &SqlitePool,
+    model: &str,
+    version: u64,
+    now: UnixMs,
+    reason: &str,
+) -> Result<Option<DestroyedVersion>, StoreError> {
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    let id: Option<Vec<u8>> = sqlx::query_scalar(
+        "DELETE FROM versions WHERE model = ? AND version = ? RETURNING version_id",
+    )
+    .bind(model)
+    .bind(i(version))
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(id) = id else {
+        return Ok(None);
+    };
+    let version_id: [u8; 16] = fixed(id, "version_id")?;
+    sqlx::query(
+        "INSERT INTO destroyed_versions (version_id, model, version, destroyed_ms, blobs_pending) \
+             VALUES (?, ?, ?, ?, 1)",
+    )
+    .bind(version_id.as_slice())
+    .bind(model)
+    .bind(i(version))
+    .bind(i(now))
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT OR REPLACE INTO revocations (kind, value, created_ms, reason) VALUES (?, ?, ?, ?)",
+    )
+    .bind(RevocationKind::Model.as_str())
+    .bind(format!("{model}@{version}"))
+    .bind(i(now))
+    .bind(reason)
+    .execute(&mut *tx)
+    .await?;
+    let grants_revoked = sqlx::query(
+        "UPDATE grants SET revoked = 1 WHERE revoked = 0 AND model = ? AND version = ?",
+    )
+    .bind(model)
+    .bind(i(version))
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    tx.commit().await?;
+    Ok(Some(DestroyedVersion {
+        model: model.to_string(),
+        version,
+        version_id,
+        destroyed_ms: now,
+        grants_revoked,
+    }))
 }
 
 #[cfg(test)]
@@ -1005,6 +1060,35 @@ mod tests {
             s.get_version("m", None).await.unwrap().unwrap().version_id,
             [1; 16]
         );
+    }
+
+    #[tokio::test]
+    async fn the_revocation_epoch_moves_with_every_revocation_and_only_then() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("m.db")).await.unwrap();
+        let start = s
+            .revocation_epoch()
+            .expect("the embedded store vouches for its grants");
+        // Other writes leave it alone.
+        s.put_challenge(&[1; 32], 99).await.unwrap();
+        assert_eq!(s.revocation_epoch(), Some(start));
+        let revocation = Revocation {
+            kind: RevocationKind::Grant,
+            value: "g-1".into(),
+            created_ms: 1,
+            reason: "test".into(),
+        };
+        s.revoke(&revocation).await.unwrap();
+        let after_revoke = s.revocation_epoch().unwrap();
+        assert!(after_revoke > start);
+        // A destruction that finds no version still ended a revoking transaction.
+        assert!(
+            s.destroy_version("m", 1, 2, "gone")
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(s.revocation_epoch().unwrap() > after_revoke);
     }
 }
 
