@@ -12,6 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use weightvault::client::node::{DirSink, FetchOptions, MemorySink, NodeClient};
 use weightvault::client::{ClientError, Endpoint};
 use weightvault::config::dev::files;
+use weightvault::time::{Clock, ManualClock, SystemClock};
 
 const CHUNK: usize = 64 * 1024;
 
@@ -230,7 +231,16 @@ async fn cutting_proxy(to: String, cut: usize) -> (String, Arc<AtomicUsize>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_connection_resumes_without_refetching_completed_chunks() {
     let tmp = tempfile::tempdir().unwrap();
-    let v = Vault::start(&tmp.path().join("data")).await;
+    // The whole 8 MiB file fits in one HTTP/2 stream window, so the vault may have sent (and
+    // charged to the grant's egress budget) all of it before the cut: with the default 10 %
+    // allowance the resumed stream could then be refused. Real models are far larger than the
+    // window; here the allowance covers a second full pass.
+    let v = Vault::start_configured(
+        &tmp.path().join("data"),
+        ManualClock::new(SystemClock.now_ms()),
+        |cfg| cfg.budgets.grant_allowance_percent = 100,
+    )
+    .await;
     let src = tmp.path().join("src");
     std::fs::create_dir_all(&src).unwrap();
     std::fs::write(src.join("w.bin"), bytes(128 * CHUNK, 5)).unwrap();
@@ -296,4 +306,60 @@ async fn a_dropped_connection_resumes_without_refetching_completed_chunks() {
     assert_eq!(second["bytes"], (128 - resumed_at) * stored);
     let first = ends.iter().find(|e| e["reason"] != "complete").unwrap();
     assert!(first["bytes"].as_u64().unwrap() >= resumed_at * stored);
+}
+
+/// Every chunk file of the stored version, in the local blob directory.
+fn chunk_files(data: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![data.join("blobs")];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_chunk_blob_ends_the_stream_and_is_on_the_record() {
+    let tmp = tempfile::tempdir().unwrap();
+    let v = Vault::start(&tmp.path().join("data")).await;
+    let src = tmp.path().join("one");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("w.bin"), bytes(3 * CHUNK, 5)).unwrap();
+    v.push_dir("m", &src).await;
+    v.admin()
+        .await
+        .allow("m", "sim", MEASUREMENT)
+        .await
+        .unwrap();
+    // A stored chunk one byte short: not sent, whatever its content.
+    let files = chunk_files(&tmp.path().join("data"));
+    assert_eq!(files.len(), 3, "{files:?}");
+    let victim = files.iter().find(|p| p.ends_with("1")).expect("chunk 1");
+    let mut stored = std::fs::read(victim).unwrap();
+    stored.pop();
+    std::fs::write(victim, &stored).unwrap();
+
+    let out = tmp.path().join("out");
+    let err = v.fetch_into("m", &out).await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("Internal") || text.contains("internal"),
+        "{text}"
+    );
+    assert!(!out.join("w.bin").exists());
+    let entries = v.audit_entries().await;
+    let ends = with_action(&entries, "fetch_end");
+    assert!(
+        ends.iter()
+            .any(|e| e["reason"] == "chunk unreadable"
+                && e["bytes"].as_u64() == Some(CHUNK as u64 + 16)),
+        "{ends:?}"
+    );
 }

@@ -11,12 +11,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::error::{ApiError, internal};
-use super::wire::ServedChunk;
+use super::wire::{ServedChunk, StreamTally};
 use super::{Vault, check_model_name, node_actor, request_id};
 use crate::attest::{self, AttestError, NODE_KEY_LEN, NONCE_LEN, TeeKind};
 use crate::audit::entry::ActorKind;
 use crate::audit::{Action, Actor, Decision};
-use crate::envelope::manifest::Manifest;
+use crate::envelope::manifest::{Manifest, ManifestFile};
 use crate::grant::{self, AttestedSession, CHALLENGE_TTL_MS, SESSION_TTL_MS, token_sha256};
 use crate::proto::node_server::node_service_server::NodeService;
 use crate::proto::v1::{
@@ -445,10 +445,17 @@ impl NodeApi {
                 cipher_bytes,
                 u64::from(manifest.chunk_size) + crate::envelope::TAG_LEN as u64,
             );
-            Ok((grant, version.version_id, file, end, limit))
+            Ok((
+                grant,
+                version.version_id,
+                file,
+                end,
+                limit,
+                manifest.chunk_size,
+            ))
         }
         .await;
-        let (grant, version_id, file, end, grant_limit) = match checked {
+        let (grant, version_id, file, end, grant_limit, chunk_size) = match checked {
             Ok(x) => x,
             Err(e) => {
                 entry.reason = Some(e.reason().to_string());
@@ -462,14 +469,21 @@ impl NodeApi {
         entry.reason = Some(format!("chunks {}..{}", req.first_chunk, end));
         v.record(rid, entry).await?;
 
-        // Two chunks in flight at most: memory stays bounded whatever the model size.
+        // Two chunks queued at most: memory stays bounded whatever the model size.
         let (tx, rx) = mpsc::channel(2);
+        let tally = Arc::new(StreamTally::default());
         let vault = v.clone();
         let rid = rid.to_string();
         let token_hash = token_sha256(&req.session_token);
+        let stream_tally = tally.clone();
         tokio::spawn(async move {
+            let tally = stream_tally;
             let _live = crate::server::metrics::LiveStream::start();
-            let mut sent: u64 = 0;
+            let mut queued: u64 = 0;
+            let mut queued_chunks: u64 = 0;
+            // An error ending the stream is sent only after its `fetch_end` record.
+            let mut final_error: Option<Status> = None;
+            let mut stalled = false;
             let mut outcome = "complete".to_string();
             // Bounded server memory: wait for a sending slot (held until the stream ends).
             let _slot = vault.stream_slots.clone().acquire_owned().await;
@@ -482,8 +496,9 @@ impl NodeApi {
                 // this process writes), and at least every GRANT_REREAD_MS regardless.
                 let now = vault.now();
                 let epoch = vault.store.revocation_epoch();
+                // A clock that stepped back (now < at) also forces a read.
                 let unchanged = last_read.as_ref().filter(|(_, seen, at)| {
-                    epoch.is_some() && *seen == epoch && now.saturating_sub(*at) < GRANT_REREAD_MS
+                    epoch.is_some() && *seen == epoch && now >= *at && now - *at < GRANT_REREAD_MS
                 });
                 let live = match unchanged {
                     Some((g, _, _)) => check_live(g, now),
@@ -501,7 +516,7 @@ impl NodeApi {
                 };
                 if let Err(e) = live {
                     outcome = e.reason().to_string();
-                    let _ = tx.send(Err(e.into_status(&rid))).await;
+                    final_error = Some(e.into_status(&rid));
                     break;
                 }
                 let data = match vault
@@ -512,13 +527,21 @@ impl NodeApi {
                     Ok(d) => d,
                     Err(e) => {
                         outcome = "chunk unreadable".into();
-                        let _ = tx
-                            .send(Err(internal(&rid, "reading chunk", e).into_status(&rid)))
-                            .await;
+                        final_error = Some(internal(&rid, "reading chunk", e).into_status(&rid));
                         break;
                     }
                 };
                 let len = data.len();
+                // A blob whose size is not the chunk's (a damaged or replaced store) is not
+                // sent, nor is memory reserved for it.
+                let expected = chunk_cipher_len(&file, chunk_size, index);
+                if len != expected {
+                    outcome = "chunk unreadable".into();
+                    let why = format!("chunk {index} is {len} bytes, not {expected}");
+                    let e = internal(&rid, "chunk blob has the wrong size", why);
+                    final_error = Some(e.into_status(&rid));
+                    break;
+                }
                 if let Err(scope) = vault.budgets.charge(&grant, grant_limit, len, vault.now()) {
                     crate::server::metrics::budget_refused(scope.as_str());
                     let why = format!("egress budget of the {} exhausted", scope.as_str());
@@ -532,17 +555,21 @@ impl NodeApi {
                     alert.version = Some(grant.version);
                     alert.grant_id = Some(grant.grant_id.clone());
                     alert.file = Some(file.path.clone());
-                    alert.bytes = Some(sent);
+                    alert.bytes = Some(queued);
                     alert.reason = Some(why.clone());
                     let status = match vault.record(&rid, alert).await {
                         Ok(_) => ApiError::ResourceExhausted(why).into_status(&rid),
                         Err(e) => e.into_status(&rid),
                     };
-                    let _ = tx.send(Err(status)).await;
+                    final_error = Some(status);
                     break;
                 }
                 // A node that stops reading gives its slot back; it can resume the range.
-                let chunk = ServedChunk { index, body: data };
+                let chunk = ServedChunk {
+                    index,
+                    body: data,
+                    tally: tally.clone(),
+                };
                 match tokio::time::timeout(SEND_STALL, tx.send(Ok(chunk))).await {
                     Ok(Ok(())) => {}
                     Ok(Err(_)) => {
@@ -551,11 +578,44 @@ impl NodeApi {
                     }
                     Err(_) => {
                         outcome = "client stalled; stream ended".into();
+                        stalled = true;
                         break;
                     }
                 }
-                crate::server::metrics::bytes_served(len);
-                sent += len;
+                queued += len;
+                queued_chunks += 1;
+            }
+            // What reached the response is known once the encoder is done with every queued
+            // chunk (or the node went away). The stream ends only after `fetch_end` is
+            // durable, so a node that saw its stream complete finds it on the record. (Not
+            // after a stall: the node is not taking chunks, and the slot goes back now.)
+            while !stalled && !tally.failed() && tally.chunks_done() < queued_chunks {
+                let next = tally.chunks_done() + 1;
+                let waited = tokio::time::timeout(SEND_STALL, async {
+                    tokio::select! {
+                        () = tally.settled(next) => true,
+                        () = tx.closed() => false,
+                    }
+                })
+                .await;
+                match waited {
+                    Ok(true) => {}
+                    // The node went away: what was encoded is all it got.
+                    Ok(false) => {
+                        if outcome == "complete" {
+                            outcome = "client went away".into();
+                        }
+                        break;
+                    }
+                    Err(_) => {
+                        outcome = "client stalled; stream ended".into();
+                        stalled = true;
+                    }
+                }
+            }
+            let sent = tally.encoded_bytes();
+            if tally.failed() {
+                outcome = "chunk unreadable".into();
             }
             if let Err(e) = vault.store.add_grant_bytes(&grant.grant_id, sent).await {
                 tracing::error!(request_id = rid, error = %e, "recording bytes served");
@@ -569,6 +629,11 @@ impl NodeApi {
             end_entry.bytes = Some(sent);
             end_entry.reason = Some(outcome);
             let _ = vault.record(&rid, end_entry).await;
+            // Only now does the response end, with its error if there is one.
+            if let Some(status) = final_error {
+                let _ = tokio::time::timeout(SEND_STALL, tx.send(Err(status))).await;
+            }
+            drop(tx);
         });
         Ok(rx)
     }
@@ -592,6 +657,14 @@ pub fn stream_slots(chunk_size: u32) -> usize {
     usize::try_from(STREAM_MEMORY_BUDGET / per_stream)
         .unwrap_or(usize::MAX)
         .max(2)
+}
+
+/// Stored length of chunk `index` of `file`: its plaintext (a full chunk, or what is left for
+/// the last one; an empty file has one empty chunk) plus the tag (docs/format.md §5).
+fn chunk_cipher_len(file: &ManifestFile, chunk_size: u32, index: u64) -> u64 {
+    let start = index.saturating_mul(u64::from(chunk_size));
+    let plain = file.size.saturating_sub(start).min(u64::from(chunk_size));
+    plain + crate::envelope::TAG_LEN as u64
 }
 
 fn check_live(grant: &GrantRecord, now: u64) -> Result<(), ApiError> {

@@ -8,7 +8,10 @@
 //! buffer straight into the send buffer. The bytes on the wire are exactly prost's encoding of
 //! the same `WeightChunk` (a test below compares them), so nodes decode with the generated code.
 
+use std::io::IoSliceMut;
 use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::BufMut;
 use prost::encoding::{WireType, encode_key, encode_varint, uint64};
@@ -23,6 +26,61 @@ use crate::store::BlobBody;
 pub struct ServedChunk {
     pub index: u64,
     pub body: BlobBody,
+    /// Where the encoder records what became of the stream's chunks.
+    pub tally: Arc<StreamTally>,
+}
+
+/// What the encoder did with one stream's chunks. The stream's producer queues chunks before
+/// they are read, so the bytes that really went into the send buffer, and whether a read
+/// failed, are known only here; the producer reads them for its `fetch_end` record once the
+/// response is over.
+#[derive(Default)]
+pub struct StreamTally {
+    encoded: AtomicU64,
+    chunks: AtomicU64,
+    failed: AtomicBool,
+    /// Woken after every chunk the encoder finished (or failed).
+    progress: tokio::sync::Notify,
+}
+
+impl StreamTally {
+    /// Ciphertext bytes encoded into the response (handed to HTTP/2).
+    pub fn encoded_bytes(&self) -> u64 {
+        self.encoded.load(Ordering::SeqCst)
+    }
+
+    /// Whether a chunk could not be read (the stream then ended with INTERNAL).
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    /// Chunks encoded so far.
+    pub fn chunks_done(&self) -> u64 {
+        self.chunks.load(Ordering::SeqCst)
+    }
+
+    /// Waits until the encoder has finished `chunks` chunks of the stream, or one failed.
+    pub async fn settled(&self, chunks: u64) {
+        loop {
+            // Registered before the check, so a chunk finishing in between is not missed.
+            let next = self.progress.notified();
+            if self.failed() || self.chunks.load(Ordering::SeqCst) >= chunks {
+                return;
+            }
+            next.await;
+        }
+    }
+
+    fn finished(&self, len: Option<u64>) {
+        match len {
+            Some(len) => {
+                self.encoded.fetch_add(len, Ordering::SeqCst);
+                self.chunks.fetch_add(1, Ordering::SeqCst);
+            }
+            None => self.failed.store(true, Ordering::SeqCst),
+        }
+        self.progress.notify_one();
+    }
 }
 
 /// Protobuf field numbers of `WeightChunk`.
@@ -79,11 +137,28 @@ impl Encoder for ChunkEncoder {
     fn encode(&mut self, item: ServedChunk, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
         // Room for the whole message at once (field headers take at most 1 + 10 + 1 + 10 bytes).
         dst.reserve(usize::try_from(item.body.len()).unwrap_or(0) + 22);
-        self.write(item, dst)
+        self.write_counted(item, dst)
     }
 }
 
 impl ChunkEncoder {
+    /// [`ChunkEncoder::write`], recording the outcome in the stream's tally.
+    fn write_counted(&mut self, item: ServedChunk, dst: &mut impl BufMut) -> Result<(), Status> {
+        let len = item.body.len();
+        let tally = item.tally.clone();
+        match self.write(item, dst) {
+            Ok(()) => {
+                tally.finished(Some(len));
+                crate::server::metrics::bytes_served(len);
+                Ok(())
+            }
+            Err(status) => {
+                tally.finished(None);
+                Err(status)
+            }
+        }
+    }
+
     fn write(&mut self, item: ServedChunk, dst: &mut impl BufMut) -> Result<(), Status> {
         let len = item.body.len();
         let size = usize::try_from(len)
@@ -104,9 +179,11 @@ impl ChunkEncoder {
                     self.scratch = vec![0; SCRATCH];
                 }
                 let mut done = 0usize;
+                let mut nowait = true;
                 while done < size {
                     let want = (size - done).min(SCRATCH);
-                    let n = match file.read_at(&mut self.scratch[..want], done as u64) {
+                    let piece = &mut self.scratch[..want];
+                    let n = match read_piece(&file, piece, done as u64, &mut nowait) {
                         Ok(0) => {
                             tracing::error!(chunk = item.index, "chunk blob ended early");
                             return Err(Status::internal("chunk unreadable"));
@@ -127,6 +204,43 @@ impl ChunkEncoder {
     }
 }
 
+/// Reads part of a chunk file at `offset`. The encoder runs on an async worker, so a read must
+/// not wait for the disk there: it first asks for what the page cache holds without waiting
+/// (`preadv2` with `RWF_NOWAIT`, Linux 4.14+; `LocalBlobs::open` asked for the file to be read
+/// ahead), and only when that would block does it wait, inside `block_in_place` on a
+/// multi-thread runtime so that the worker's other tasks move to another thread. `nowait` turns
+/// the first attempt off for file systems that do not support it.
+fn read_piece(
+    file: &std::fs::File,
+    buf: &mut [u8],
+    offset: u64,
+    nowait: &mut bool,
+) -> std::io::Result<usize> {
+    use rustix::io::{Errno, ReadWriteFlags, preadv2};
+    if *nowait {
+        match preadv2(
+            file,
+            &mut [IoSliceMut::new(buf)],
+            offset,
+            ReadWriteFlags::NOWAIT,
+        ) {
+            // Some kernels answer 0 instead of EAGAIN when nothing is cached: only the waiting
+            // read below may conclude the end of the file.
+            Ok(n) if n > 0 => return Ok(n),
+            Ok(_) | Err(Errno::AGAIN) | Err(Errno::INTR) => {}
+            Err(Errno::OPNOTSUPP) | Err(Errno::INVAL) | Err(Errno::NOSYS) => *nowait = false,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let mut wait = || file.read_at(buf, offset);
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(wait)
+        }
+        _ => wait(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use bytes::{Bytes, BytesMut};
@@ -138,7 +252,7 @@ mod tests {
     /// The payload our encoder writes for one chunk, without tonic's 5-byte frame header.
     fn encode(chunk: ServedChunk) -> Result<Vec<u8>, Status> {
         let mut buf = BytesMut::new();
-        ChunkCodec.encoder().write(chunk, &mut buf)?;
+        ChunkCodec.encoder().write_counted(chunk, &mut buf)?;
         Ok(buf.to_vec())
     }
 
@@ -170,6 +284,7 @@ mod tests {
             let from_bytes = encode(ServedChunk {
                 index,
                 body: BlobBody::Bytes(Bytes::from(data.clone())),
+                tally: Arc::default(),
             })
             .unwrap();
             assert_eq!(from_bytes, want, "bytes body, size {size}");
@@ -180,6 +295,7 @@ mod tests {
                     file,
                     len: size as u64,
                 },
+                tally: Arc::default(),
             })
             .unwrap();
             assert_eq!(from_file, want, "file body, size {size}");
@@ -188,14 +304,48 @@ mod tests {
     }
 
     #[test]
-    fn a_file_shorter_than_its_recorded_length_is_an_error() {
+    fn a_file_shorter_than_its_recorded_length_is_an_error_on_the_tally() {
+        let tally = Arc::new(StreamTally::default());
+        let (_dir, file) = file_with(&[7u8; 100]);
+        encode(ServedChunk {
+            index: 2,
+            body: BlobBody::File { file, len: 100 },
+            tally: tally.clone(),
+        })
+        .unwrap();
+        assert_eq!((tally.encoded_bytes(), tally.failed()), (100, false));
         let (_dir, file) = file_with(&[7u8; 100]);
         let err = encode(ServedChunk {
             index: 3,
             body: BlobBody::File { file, len: 200 },
+            tally: tally.clone(),
         })
         .unwrap_err();
         assert_eq!(err.code(), tonic::Code::Internal);
         assert_eq!(err.message(), "chunk unreadable");
+        // Only what was encoded counts; the failure is recorded for the stream's audit entry.
+        assert_eq!((tally.encoded_bytes(), tally.failed()), (100, true));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_on_a_multi_thread_runtime_give_the_same_bytes() {
+        // The waiting path (block_in_place) and the page-cache path both end in these bytes.
+        let data: Vec<u8> = (0..SCRATCH * 2 + 5).map(|i| (i % 253) as u8).collect();
+        let (_dir, file) = file_with(&data);
+        let want = WeightChunk {
+            index: 9,
+            ciphertext: Bytes::from(data.clone()),
+        }
+        .encode_to_vec();
+        let got = encode(ServedChunk {
+            index: 9,
+            body: BlobBody::File {
+                file,
+                len: data.len() as u64,
+            },
+            tally: Arc::default(),
+        })
+        .unwrap();
+        assert_eq!(got, want);
     }
 }
