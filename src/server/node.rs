@@ -644,7 +644,8 @@ impl NodeApi {
 const GRANT_REREAD_MS: u64 = 1000;
 
 /// Memory the chunks of all FetchWeights streams may hold at once, roughly: each sending stream
-/// has up to four chunks in memory (being read, two queued, one encoded for HTTP/2).
+/// has up to four chunks in flight (two queued as open files, one being encoded, one encoded in
+/// the HTTP/2 send buffer); the budget is sized for four whole chunks per stream.
 pub const STREAM_MEMORY_BUDGET: u64 = 32 * 1024 * 1024;
 
 /// How long a stream waits for its node to take the next chunk before it ends (and frees its
