@@ -349,6 +349,26 @@ async fn run_baseline(ep: &Endpoint, expect: u64) -> Result<Sample> {
 }
 
 /// (B) The whole node fetch over a fresh connection (connect not timed).
+/// One untimed transfer of each side, printed (both modes).
+async fn warm_up(
+    base_ep: &Endpoint,
+    node_ep: &Endpoint,
+    attester: &SimAttester,
+    wire: u64,
+    bytes: u64,
+) -> Result<()> {
+    let a = run_baseline(base_ep, wire).await?;
+    let b = run_real(node_ep, attester, bytes).await?;
+    println!(
+        "  warm-up: A {:.3} s ({:.2} GB/s), B {:.3} s ({:.2} GB/s)",
+        a.secs,
+        a.gbps(),
+        b.secs,
+        b.gbps()
+    );
+    Ok(())
+}
+
 async fn run_real(ep: &Endpoint, attester: &SimAttester, expect: u64) -> Result<Sample> {
     let channel = ep.connect().await?;
     let mut client = NodeClient::new(channel);
@@ -472,15 +492,7 @@ async fn run(bytes: u64, rounds: usize) -> Result<()> {
         ..node_ep.clone()
     };
 
-    let warm_a = run_baseline(&base_ep, wire).await?;
-    let warm_b = run_real(&node_ep, &attester, bytes).await?;
-    println!(
-        "  warm-up: A {:.3} s ({:.2} GB/s), B {:.3} s ({:.2} GB/s)",
-        warm_a.secs,
-        warm_a.gbps(),
-        warm_b.secs,
-        warm_b.gbps()
-    );
+    warm_up(&base_ep, &node_ep, &attester, wire, bytes).await?;
 
     // Profiling aid: WEIGHTVAULT_BENCH_ONLY=a|b runs only that side, `rounds` times, after
     // printing the pid (attach `perf record -p`); no table, no ratio.
@@ -908,15 +920,7 @@ async fn run_split(bytes: u64, rounds: usize) -> Result<()> {
         ..node_ep.clone()
     };
 
-    let warm_a = run_baseline(&base_ep, wire).await?;
-    let warm_b = run_real(&node_ep, &attester, bytes).await?;
-    println!(
-        "  warm-up: A {:.3} s ({:.2} GB/s), B {:.3} s ({:.2} GB/s)",
-        warm_a.secs,
-        warm_a.gbps(),
-        warm_b.secs,
-        warm_b.gbps()
-    );
+    warm_up(&base_ep, &node_ep, &attester, wire, bytes).await?;
 
     if let Ok(side) = std::env::var("WEIGHTVAULT_BENCH_ONLY") {
         let server = match side.as_str() {
