@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod audit;
+mod chunk_stream;
 pub mod collect;
 pub mod node;
 pub mod operator;

@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
 use super::ClientError;
+use super::chunk_stream;
 use crate::attest::report_data;
 use crate::attest::sim::{SimReport, SimSigner};
 use crate::envelope::manifest::{Manifest, verify_manifest};
@@ -312,12 +313,15 @@ pub struct FetchReport {
 
 pub struct NodeClient {
     inner: NodeServiceClient<Channel>,
+    /// FetchWeights streams bypass the generated client (see `chunk_stream`).
+    channel: Channel,
 }
 
 impl NodeClient {
     pub fn new(channel: Channel) -> Self {
         Self {
-            inner: NodeServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE),
+            inner: NodeServiceClient::new(channel.clone()).max_decoding_message_size(MAX_MESSAGE),
+            channel,
         }
     }
 
@@ -431,7 +435,7 @@ impl NodeClient {
         }
         drop(dek);
         Ok(Granted {
-            client: self.inner.clone(),
+            channel: self.channel.clone(),
             token: Bytes::from(session.session_token),
             grant_id: grant.grant_id,
             not_after_ms: grant.not_after_ms,
@@ -444,7 +448,7 @@ impl NodeClient {
 /// An opened grant: the verified manifest and the per-file keys. Fetches run under it until it
 /// expires or is revoked.
 pub struct Granted {
-    client: NodeServiceClient<Channel>,
+    channel: Channel,
     token: Bytes,
     grant_id: String,
     not_after_ms: u64,
@@ -712,7 +716,7 @@ impl Granted {
     /// What a spawned stream needs, owned.
     fn handle(&self) -> Arc<Granted> {
         Arc::new(Granted {
-            client: self.client.clone(),
+            channel: self.channel.clone(),
             token: self.token.clone(),
             grant_id: self.grant_id.clone(),
             not_after_ms: self.not_after_ms,
@@ -732,7 +736,7 @@ impl Granted {
         pool: Pool,
         tx: mpsc::Sender<Result<Piece, ClientError>>,
     ) -> impl Future<Output = Option<u32>> + Send + 'static {
-        let mut client = self.client.clone();
+        let mut channel = self.channel.clone();
         let token = self.token.clone();
         let grant_id = self.grant_id.clone();
         let file = self.manifest.files[r.file].clone();
@@ -744,16 +748,15 @@ impl Granted {
             let mut resumed = 0u32;
             let outcome: Result<(), ClientError> = loop {
                 let attempt = async {
-                    let mut stream = client
-                        .fetch_weights(FetchWeightsRequest {
-                            session_token: token.to_vec(),
-                            grant_id: grant_id.clone(),
-                            file: file.path.clone(),
-                            first_chunk: next,
-                            end_chunk: r.end,
-                        })
-                        .await?
-                        .into_inner();
+                    let request = FetchWeightsRequest {
+                        session_token: token.to_vec(),
+                        grant_id: grant_id.clone(),
+                        file: file.path.clone(),
+                        first_chunk: next,
+                        end_chunk: r.end,
+                    };
+                    let mut stream =
+                        chunk_stream::fetch_weights(&mut channel, request, MAX_MESSAGE).await?;
                     while let Some(chunk) = stream.message().await? {
                         // In order, no gap, repeat or extra chunk (truncation and extension are
                         // also caught by the last-chunk flag in the nonce, docs/format.md §6.1).
