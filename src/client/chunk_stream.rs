@@ -35,12 +35,22 @@ const PREFIX: usize = 5;
 /// The chunks of one FetchWeights response, in the order the vault sent them.
 pub(crate) struct ChunkStream {
     body: Body,
-    /// Frame data received and not yet consumed, in order.
+    /// Frame data received and not yet consumed, in order. Outside an assembly it holds at
+    /// most a message prefix's worth of small frames plus the rest of one frame.
     pending: VecDeque<Bytes>,
     pending_len: usize,
+    /// A message that spans frames, gathered as its frames arrive: each frame is copied and
+    /// released at once, so a vault sending tiny frames cannot make the node hold more than
+    /// one message and one frame.
+    assembling: Option<Assembly>,
     max_message: usize,
     /// The response's final status arrived (and was OK), or the body ended.
     ended: bool,
+}
+
+struct Assembly {
+    buf: BytesMut,
+    len: usize,
 }
 
 /// Starts a FetchWeights stream on `channel`. Messages longer than `max_message` are refused,
@@ -76,27 +86,36 @@ pub(crate) async fn fetch_weights(
         body,
         pending: VecDeque::new(),
         pending_len: 0,
+        assembling: None,
         max_message,
         ended: false,
     };
     // A refusal comes as a trailers-only response: the status is in the headers.
-    if let Some(status) = Status::from_header_map(&parts.headers) {
+    if let Some(status) = status_in(&parts.headers) {
         if status.code() != Code::Ok {
             return Err(status);
         }
         stream.ended = true;
         return Ok(stream);
     }
+    // Only something between node and vault (a proxy) answers with another HTTP status; unlike
+    // the generated client, which would read on and fail on the body, the HTTP status decides.
     if parts.status != http::StatusCode::OK {
         return Err(status_of_http(parts.status));
     }
-    // The request offers no compression, so the vault must not use any.
+    // The request offers no compression, so the vault must not use any. Final, as in the
+    // generated client (UNIMPLEMENTED, naming the one encoding accepted).
     if let Some(encoding) = parts.headers.get("grpc-encoding")
         && encoding != "identity"
     {
-        return Err(Status::internal(format!(
+        let mut status = Status::unimplemented(format!(
             "the vault compressed its response ({encoding:?}), which was not offered"
-        )));
+        ));
+        status.metadata_mut().insert(
+            "grpc-accept-encoding",
+            tonic::metadata::MetadataValue::from_static("identity"),
+        );
+        return Err(status);
     }
     Ok(stream)
 }
@@ -113,7 +132,7 @@ impl ChunkStream {
                     .map_err(|e| Status::internal(format!("malformed chunk message: {e}")));
             }
             if self.ended {
-                return if self.pending_len == 0 {
+                return if self.pending_len == 0 && self.assembling.is_none() {
                     Ok(None)
                 } else {
                     Err(Status::internal("the stream ended inside a message"))
@@ -123,17 +142,12 @@ impl ChunkStream {
                 // Errors of the body are already statuses (resets, broken connections).
                 Some(Err(status)) => return Err(status),
                 Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => {
-                        if !data.is_empty() {
-                            self.pending_len += data.len();
-                            self.pending.push_back(data);
-                        }
-                    }
+                    Ok(data) => self.received(data),
                     Err(frame) => {
                         let Ok(trailers) = frame.into_trailers() else {
                             continue;
                         };
-                        let status = Status::from_header_map(&trailers).unwrap_or_else(|| {
+                        let status = status_in(&trailers).unwrap_or_else(|| {
                             Status::unknown("the response's trailers carry no grpc-status")
                         });
                         if status.code() != Code::Ok {
@@ -152,9 +166,27 @@ impl ChunkStream {
         }
     }
 
+    /// Takes in one DATA frame's payload.
+    fn received(&mut self, data: Bytes) {
+        if !data.is_empty() {
+            self.pending_len += data.len();
+            self.pending.push_back(data);
+        }
+    }
+
     /// Cuts the next whole message out of the received data, without copying when it lies
-    /// within one frame.
+    /// within one frame; a message that spans frames is gathered into one buffer.
     fn take_message(&mut self) -> Result<Option<Bytes>, Status> {
+        if let Some(mut assembly) = self.assembling.take() {
+            let missing = assembly.len - assembly.buf.len();
+            let take = missing.min(self.pending_len);
+            self.consume(take, |piece| assembly.buf.extend_from_slice(piece));
+            if take == missing {
+                return Ok(Some(assembly.buf.freeze()));
+            }
+            self.assembling = Some(assembly);
+            return Ok(None);
+        }
         if self.pending_len < PREFIX {
             return Ok(None);
         }
@@ -188,25 +220,25 @@ impl ChunkStream {
                 self.max_message
             )));
         }
-        if self.pending_len < PREFIX + len {
-            return Ok(None);
-        }
         self.consume(PREFIX, |_| {});
-        match self.pending.front_mut() {
-            Some(front) if front.len() >= len => {
-                let message = front.split_to(len);
-                if front.is_empty() {
-                    self.pending.pop_front();
-                }
-                self.pending_len -= len;
-                Ok(Some(message))
-            }
-            _ => {
-                let mut message = BytesMut::with_capacity(len);
-                self.consume(len, |piece| message.extend_from_slice(piece));
-                Ok(Some(message.freeze()))
-            }
+        if len == 0 {
+            return Ok(Some(Bytes::new()));
         }
+        if let Some(front) = self.pending.front_mut()
+            && front.len() >= len
+        {
+            let message = front.split_to(len);
+            if front.is_empty() {
+                self.pending.pop_front();
+            }
+            self.pending_len -= len;
+            return Ok(Some(message));
+        }
+        self.assembling = Some(Assembly {
+            buf: BytesMut::with_capacity(len),
+            len,
+        });
+        self.take_message()
     }
 
     /// Removes `n` bytes (all present) from the front, handing each piece to `each`.
@@ -222,6 +254,27 @@ impl ChunkStream {
                 self.pending.pop_front();
             }
         }
+    }
+}
+
+/// The gRPC status in `headers`, if any. The generated client's parser panics on a
+/// `grpc-status-details-bin` that is not base64; such details are dropped here instead, decoded
+/// exactly as that parser decodes them (standard alphabet, padding optional).
+fn status_in(headers: &http::HeaderMap) -> Option<Status> {
+    use base64::Engine;
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+    const DETAILS: &str = "grpc-status-details-bin";
+    const LENIENT: GeneralPurpose = GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+    );
+    match headers.get(DETAILS) {
+        Some(details) if LENIENT.decode(details.as_bytes()).is_err() => {
+            let mut headers = headers.clone();
+            headers.remove(DETAILS);
+            Status::from_header_map(&headers)
+        }
+        _ => Status::from_header_map(headers),
     }
 }
 
@@ -255,6 +308,7 @@ mod tests {
             body: Body::empty(),
             pending_len: frames.iter().map(Bytes::len).sum(),
             pending: frames.into(),
+            assembling: None,
             max_message: 1 << 20,
             ended: true,
         }
@@ -343,6 +397,112 @@ mod tests {
         ] {
             let err = all(stream_of(vec![Bytes::from(wire)])).await.unwrap_err();
             assert_eq!(err.code(), code, "{name}: {err:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn tiny_frames_are_gathered_as_they_arrive() {
+        // One byte per frame: what is held besides the message being gathered stays small.
+        let want = chunk(4, 50_000);
+        let wire = framed(&want);
+        let mut s = stream_of(Vec::new());
+        let mut got = None;
+        for byte in wire {
+            s.received(Bytes::copy_from_slice(&[byte]));
+            if let Some(m) = s.take_message().unwrap() {
+                got = Some(m);
+            }
+            assert!(s.pending.len() <= PREFIX, "{} frames held", s.pending.len());
+        }
+        assert_eq!(WeightChunk::decode(got.unwrap()).unwrap(), want);
+    }
+
+    /// A stream whose body yields `frames`, then ends.
+    fn stream_over(frames: Vec<Result<http_body::Frame<Bytes>, Status>>) -> ChunkStream {
+        ChunkStream {
+            body: Body::new(http_body_util::StreamBody::new(tokio_stream::iter(frames))),
+            pending: VecDeque::new(),
+            pending_len: 0,
+            assembling: None,
+            max_message: 1 << 20,
+            ended: false,
+        }
+    }
+
+    fn trailers(pairs: &[(&'static str, &'static str)]) -> http_body::Frame<Bytes> {
+        let mut map = http::HeaderMap::new();
+        for (k, v) in pairs {
+            map.insert(*k, http::HeaderValue::from_static(v));
+        }
+        http_body::Frame::trailers(map)
+    }
+
+    #[tokio::test]
+    async fn the_final_status_comes_from_the_trailers() {
+        let data = || Ok(http_body::Frame::data(Bytes::from(framed(&chunk(0, 10)))));
+        // OK: the chunks, then the end.
+        let got = all(stream_over(vec![
+            data(),
+            Ok(trailers(&[("grpc-status", "0")])),
+        ]))
+        .await
+        .unwrap();
+        assert_eq!(got, vec![chunk(0, 10)]);
+        // A refusal after a chunk keeps its code, message and metadata (the vault's request id).
+        let mut s = stream_over(vec![
+            data(),
+            Ok(trailers(&[
+                ("grpc-status", "7"),
+                ("grpc-message", "grant%20revoked"),
+                ("x-request-id", "r-1"),
+            ])),
+        ]);
+        assert!(s.message().await.unwrap().is_some());
+        let err = s.message().await.unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied);
+        assert_eq!(err.message(), "grant revoked");
+        assert_eq!(err.metadata().get("x-request-id").unwrap(), "r-1");
+        // Cut off: no trailers at all, or trailers without a status.
+        for frames in [vec![data()], vec![data(), Ok(trailers(&[("x", "y")]))]] {
+            let err = all(stream_over(frames)).await.unwrap_err();
+            assert_eq!(err.code(), Code::Unknown, "{err:?}");
+            assert!(err.metadata().get("x-request-id").is_none());
+        }
+        // A transport error is passed on as it is.
+        let err = all(stream_over(vec![data(), Err(Status::unavailable("reset"))]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable);
+        // A status ending the stream inside a message.
+        let mut half = framed(&chunk(1, 100));
+        half.truncate(50);
+        let err = all(stream_over(vec![
+            Ok(http_body::Frame::data(Bytes::from(half))),
+            Ok(trailers(&[("grpc-status", "0")])),
+        ]))
+        .await
+        .unwrap_err();
+        assert_eq!(err.code(), Code::Internal);
+    }
+
+    #[test]
+    fn status_details_that_are_not_base64_are_dropped_not_fatal() {
+        let mut map = http::HeaderMap::new();
+        map.insert("grpc-status", http::HeaderValue::from_static("5"));
+        map.insert(
+            "grpc-status-details-bin",
+            http::HeaderValue::from_static("not base64!"),
+        );
+        let status = status_in(&map).unwrap();
+        assert_eq!(status.code(), Code::NotFound);
+        assert!(status.details().is_empty());
+        // Valid details, padded or not, are kept.
+        for details in ["AQI=", "AQI"] {
+            map.insert(
+                "grpc-status-details-bin",
+                http::HeaderValue::from_static(details),
+            );
+            assert_eq!(status_in(&map).unwrap().details(), &[1u8, 2][..]);
         }
     }
 
