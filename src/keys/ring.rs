@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::RwLock;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
 use zeroize::Zeroizing;
@@ -70,16 +70,24 @@ pub struct KeyRing {
     /// retired: no version can be committed under a KEK that is being destroyed.
     commit_gate: tokio::sync::RwLock<()>,
     rotating: AtomicBool,
+    /// Moved by one when a rotation pass begins and by one when it ends: odd while one runs.
+    /// Read before and after a status snapshot, it tells whether a pass ended in between.
+    rotation_runs: AtomicU64,
     signing: Ed25519KeyPair,
     log: Option<Ed25519KeyPair>,
 }
 
 /// Held while a rotation pass runs; only one runs at a time.
-pub struct RotationRun<'a>(&'a AtomicBool);
+pub struct RotationRun<'a> {
+    rotating: &'a AtomicBool,
+    runs: &'a AtomicU64,
+}
 
 impl Drop for RotationRun<'_> {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::SeqCst);
+        // Counted before the flag is released, so the next pass cannot begin in between.
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        self.rotating.store(false, Ordering::SeqCst);
     }
 }
 
@@ -129,6 +137,7 @@ impl KeyRing {
                 ring: RwLock::new(Ring { keks }),
                 commit_gate: tokio::sync::RwLock::new(()),
                 rotating: AtomicBool::new(false),
+                rotation_runs: AtomicU64::new(0),
                 signing,
                 log: Some(log),
             },
@@ -272,12 +281,18 @@ impl KeyRing {
     pub fn begin_rotation(&self) -> Option<RotationRun<'_>> {
         self.rotating
             .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
-            .is_ok()
-            .then_some(RotationRun(&self.rotating))
+            .ok()?;
+        self.rotation_runs.fetch_add(1, Ordering::SeqCst);
+        Some(RotationRun {
+            rotating: &self.rotating,
+            runs: &self.rotation_runs,
+        })
     }
 
-    pub fn rotation_running(&self) -> bool {
-        self.rotating.load(Ordering::SeqCst)
+    /// How many times a rotation pass began or ended: odd while one runs. A snapshot taken
+    /// between two equal even readings saw no pass running.
+    pub fn rotation_runs(&self) -> u64 {
+        self.rotation_runs.load(Ordering::SeqCst)
     }
 
     /// The number the next KEK version gets (after the highest stored or known one).

@@ -944,6 +944,9 @@ pub async fn collect_destroyed(v: &Vault, version_id: &[u8; 16]) {
 
 /// How many DEKs each KEK version wraps.
 pub async fn key_status(v: &Vault) -> Result<KeyStatus, StoreError> {
+    // A pass that ends while the counts are read would pair its old counts with "not running";
+    // the run counter read before and after the reads tells.
+    let runs_before = v.keys.rotation_runs();
     let active = v.keys.active_kek_version();
     let mut counts: std::collections::BTreeMap<u32, u64> = std::collections::BTreeMap::new();
     let mut total = 0;
@@ -970,7 +973,7 @@ pub async fn key_status(v: &Vault) -> Result<KeyStatus, StoreError> {
         keks,
         pending: total - counts.get(&active).copied().unwrap_or(0),
         total,
-        running: v.keys.rotation_running(),
+        running: runs_before % 2 == 1 || v.keys.rotation_runs() != runs_before,
     })
 }
 
