@@ -37,6 +37,20 @@ fn quickstart_push_allow_fetch_audit() {
         serde_json::from_str(&s.ok(&["model", "show", "demo", "--json"])).unwrap();
     assert_eq!(json["versions"][0]["files"].as_array().unwrap().len(), 3);
 
+    // A KEK rotation waited for by the CLI (it stops waiting only when the pass ends), before
+    // the fetch below reads the re-wrapped DEK.
+    let out = s.ok(&["keys", "rotate"]);
+    assert!(
+        out.contains("rotation done: 1 DEKs wrapped by kek version 2"),
+        "{out}"
+    );
+    let out = s.ok(&["keys", "status"]);
+    assert!(
+        out.lines()
+            .any(|l| l.split_whitespace().next() == Some("2") && l.ends_with("active")),
+        "{out}"
+    );
+
     let out = s.ok(&[
         "access",
         "allow",

@@ -51,7 +51,8 @@ async fn two_replicas_share_models_grants_revocations_and_one_log() {
     let clock = ManualClock::new(SystemClock.now_ms());
     let adjust = |cfg: &mut weightvault::config::Config| {
         common::use_shared_storage(cfg, &db, &s3, &prefix, tmp.path());
-        cfg.audit.lease_secs = 1;
+        // Short enough for a quick takeover, with room for late renewals on a busy machine.
+        cfg.audit.lease_secs = 3;
         cfg.audit.heartbeat_secs = 1;
     };
     let mut a = Vault::start_configured(&data, clock.clone(), adjust).await;
@@ -159,18 +160,23 @@ async fn two_replicas_share_models_grants_revocations_and_one_log() {
         .into_inner();
     assert_eq!(s2.message().await.unwrap().unwrap().index, 0);
     let mut hammer_client = common::raw(&a).await;
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let counted = answered.clone();
     let hammer = tokio::spawn(async move {
-        let mut ok = 0u32;
         while hammer_client
             .get_challenge(GetChallengeRequest {})
             .await
             .is_ok()
         {
-            ok += 1;
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
-        ok
+        counted.load(std::sync::atomic::Ordering::SeqCst)
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A dies while appends are running, however slowly this machine commits them.
+    eventually("A answering challenges", async || {
+        answered.load(std::sync::atomic::Ordering::SeqCst) >= 3
+    })
+    .await;
     a.server.take().unwrap().abort();
     drop(s2);
     let hammered = tokio::time::timeout(Duration::from_secs(60), hammer)

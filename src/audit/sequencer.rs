@@ -340,7 +340,13 @@ impl Sequencer {
 
 impl Task {
     async fn run(mut self, mut rx: mpsc::Receiver<Msg>, opts: SequencerOptions) {
-        let mut tick = tokio::time::interval(opts.checkpoint_interval.min(opts.heartbeat_interval));
+        // The lease is renewed on this tick: three renewals per time to live, so that a renewal
+        // a little late (a busy machine, a slow query) does not let the lease lapse.
+        let mut period = opts.checkpoint_interval.min(opts.heartbeat_interval);
+        if let Some(ttl) = opts.lease {
+            period = period.min(ttl / 3);
+        }
+        let mut tick = tokio::time::interval(period.max(Duration::from_millis(10)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_checkpoint = tokio::time::Instant::now();
         let mut msgs = Vec::with_capacity(MAX_BATCH);

@@ -73,6 +73,9 @@ pub struct KeyRing {
     /// Moved by one when a rotation pass begins and by one when it ends: odd while one runs.
     /// Read before and after a status snapshot, it tells whether a pass ended in between.
     rotation_runs: AtomicU64,
+    /// Passes spawned that have not yet tried to begin: between `keys rotate` releasing its
+    /// guard and the background pass taking it, a rotation is still under way.
+    rotations_queued: AtomicU64,
     signing: Ed25519KeyPair,
     log: Option<Ed25519KeyPair>,
 }
@@ -138,6 +141,7 @@ impl KeyRing {
                 commit_gate: tokio::sync::RwLock::new(()),
                 rotating: AtomicBool::new(false),
                 rotation_runs: AtomicU64::new(0),
+                rotations_queued: AtomicU64::new(0),
                 signing,
                 log: Some(log),
             },
@@ -290,9 +294,23 @@ impl KeyRing {
     }
 
     /// How many times a rotation pass began or ended: odd while one runs. A snapshot taken
-    /// between two equal even readings saw no pass running.
+    /// between two equal even readings, with no pass queued, saw no pass running.
     pub fn rotation_runs(&self) -> u64 {
         self.rotation_runs.load(Ordering::SeqCst)
+    }
+
+    /// A background pass was spawned; [`KeyRing::rotation_dequeued`] once it tried to begin.
+    pub fn rotation_queued(&self) {
+        self.rotations_queued.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub fn rotation_dequeued(&self) {
+        self.rotations_queued.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Whether a spawned pass has not yet tried to begin.
+    pub fn rotation_pending_start(&self) -> bool {
+        self.rotations_queued.load(Ordering::SeqCst) > 0
     }
 
     /// The number the next KEK version gets (after the highest stored or known one).

@@ -973,13 +973,16 @@ pub async fn key_status(v: &Vault) -> Result<KeyStatus, StoreError> {
         keks,
         pending: total - counts.get(&active).copied().unwrap_or(0),
         total,
-        running: runs_before % 2 == 1 || v.keys.rotation_runs() != runs_before,
+        running: runs_before % 2 == 1
+            || v.keys.rotation_runs() != runs_before
+            || v.keys.rotation_pending_start(),
     })
 }
 
 /// Runs a re-wrap pass in the background (after `keys rotate`, and at start when a previous
 /// rotation did not finish).
 pub fn spawn_rotation(vault: Arc<Vault>) {
+    vault.keys.rotation_queued();
     tokio::spawn(async move {
         if let Err(e) = rotation_pass(&vault).await {
             tracing::error!(error = %e, "key rotation stopped; it resumes at the next start or `keys rotate`");
@@ -990,7 +993,10 @@ pub fn spawn_rotation(vault: Arc<Vault>) {
 /// Moves every DEK under the active KEK (compare and swap per version, so a crash or a second
 /// replica never loses one), then retires every older KEK that wraps nothing.
 async fn rotation_pass(v: &Vault) -> Result<(), String> {
-    let Some(_run) = v.keys.begin_rotation() else {
+    let run = v.keys.begin_rotation();
+    // After the attempt: a status read in between sees either the queue or the running pass.
+    v.keys.rotation_dequeued();
+    let Some(_run) = run else {
         return Ok(());
     };
     let rid = request_id();

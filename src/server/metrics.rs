@@ -73,10 +73,6 @@ fn describe() {
         BUDGET_REFUSALS,
         "Streams refused or stopped by an egress budget, by scope"
     );
-    metrics::describe_gauge!(
-        SERVING,
-        "1 while the vault serves (unsealed, audit log writable, not stopping)"
-    );
 }
 
 pub fn grant_issued() {
@@ -160,13 +156,20 @@ pub async fn serve_ops(
             axum::routing::get(move || {
                 let state = state.clone();
                 async move {
-                    metrics::gauge!(SERVING).set(if state.is_serving() { 1.0 } else { 0.0 });
+                    // This vault's own state, not the process-wide recorder's: several vaults
+                    // in one process (tests, embedding programs) must not see each other's.
+                    let mut body = render();
+                    body.push_str(&format!(
+                        "# HELP {SERVING} 1 while the vault serves (unsealed, audit log writable, not stopping)\n\
+                         # TYPE {SERVING} gauge\n{SERVING} {}\n",
+                        u8::from(state.is_serving())
+                    ));
                     (
                         [(
                             axum::http::header::CONTENT_TYPE,
                             "text/plain; version=0.0.4; charset=utf-8",
                         )],
-                        render(),
+                        body,
                     )
                 }
             }),
