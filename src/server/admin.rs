@@ -153,6 +153,14 @@ struct FileInProgress {
     sha256: Option<digest::Context>,
 }
 
+/// A push that fails mid-chunk leaves plaintext in `buf` (a chunk is sealed in place only once
+/// it is full): wiped before the memory goes back to the allocator.
+impl Drop for FileInProgress {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.buf);
+    }
+}
+
 impl AdminApi {
     async fn push(
         &self,
@@ -417,13 +425,13 @@ impl AdminApi {
         let chunk = std::mem::take(&mut file.buf);
         self.store_chunk(rid, guard, version_id, &file.path, index, chunk)
             .await?;
-        let sha256 = file.sha256.map(|ctx| {
+        let sha256 = file.sha256.take().map(|ctx| {
             let mut out = [0u8; 32];
             out.copy_from_slice(ctx.finish().as_ref());
             out
         });
         Ok(ManifestFile {
-            path: file.path,
+            path: std::mem::take(&mut file.path),
             size,
             chunks: file.header.chunk_count(),
             sha256,
