@@ -38,10 +38,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// The vault's own `NodeService` server: the same routes and messages as the generated one, but
-/// `FetchWeights` streams `crate::server::wire::ServedChunk` through its own codec, which writes
-/// a chunk's protobuf encoding straight from the blob file into the HTTP/2 send buffer (no
-/// intermediate chunk buffer; the bytes on the wire are those of `WeightChunk`).
+/// The vault's `NodeService` server for the unary methods. `FetchWeights` is not generated: the
+/// vault answers it itself (`crate::server::wire::serve_fetch`, routed by
+/// `crate::server::node::NodeServer`), writing each chunk message straight from the blob file
+/// into a reused send buffer; the bytes on the wire are those of `WeightChunk`, and clients use
+/// the generated code from node.proto.
 fn node_server(out: &std::path::Path) {
     use tonic_build::manual::{Builder, Method, Service};
     let unary = |name: &str, route: &str, input: &str, output: &str| {
@@ -69,16 +70,6 @@ fn node_server(out: &std::path::Path) {
             "RequestGrantRequest",
             "RequestGrantResponse",
         ))
-        .method(
-            Method::builder()
-                .name("fetch_weights")
-                .route_name("FetchWeights")
-                .input_type("crate::proto::v1::FetchWeightsRequest")
-                .output_type("crate::server::wire::ServedChunk")
-                .codec_path("crate::server::wire::ChunkCodec")
-                .server_streaming()
-                .build(),
-        )
         .build();
     Builder::new()
         .build_client(false)

@@ -6,9 +6,9 @@ pub mod v1 {
     tonic::include_proto!("weightvault.v1");
 }
 
-/// The vault's own `NodeService` server (build.rs `node_server`): the routes and messages of the
-/// generated one, except that `FetchWeights` streams [`crate::server::wire::ServedChunk`]s
-/// through [`crate::server::wire::ChunkCodec`]. Nodes use the generated client in [`v1`].
+/// The vault's `NodeService` server for the unary methods (build.rs `node_server`);
+/// `FetchWeights` is answered by [`crate::server::wire::serve_fetch`], routed by
+/// [`crate::server::node::NodeServer`]. Nodes use the generated client in [`v1`].
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod node_server {
     include!(concat!(

@@ -27,7 +27,6 @@ use crate::audit::entry::ActorKind;
 use crate::audit::{Action, Actor, AuditEntry, Decision, Sequencer};
 use crate::config::Config;
 use crate::keys::{KeyRing, RootKey};
-use crate::proto::node_server::node_service_server::NodeServiceServer;
 use crate::proto::v1::admin_service_server::AdminServiceServer;
 use crate::proto::v1::audit_service_server::AuditServiceServer;
 use crate::proto::v1::operator_service_server::OperatorServiceServer;
@@ -446,9 +445,10 @@ pub async fn start(cfg: &Config, opts: StartOptions) -> Result<RunningServer, Se
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
-        .add_service(operator::Gated::new(unlocked.clone(), |v| {
-            NodeServiceServer::new(node::NodeApi::new(v)).max_encoding_message_size(MAX_MESSAGE)
-        }))
+        .add_service(operator::Gated::new(
+            unlocked.clone(),
+            node::NodeServer::new,
+        ))
         .add_service(operator::Gated::new(unlocked.clone(), |v| {
             AdminServiceServer::new(admin::AdminApi::new(v)).max_decoding_message_size(MAX_MESSAGE)
         }))

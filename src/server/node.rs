@@ -1,24 +1,25 @@
 //! NodeService: GetChallenge → Attest → RequestGrant → FetchWeights (docs/protocol.md).
 //! Every decision is on the record before the response that depends on it leaves.
 
-use std::pin::Pin;
+use std::convert::Infallible;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use subtle::ConstantTimeEq;
 use tokio::sync::mpsc;
-use tokio_stream::Stream;
-use tokio_stream::wrappers::ReceiverStream;
+use tonic::codegen::{BoxFuture, Service, http};
+use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
 
 use super::error::{ApiError, internal};
-use super::wire::{ServedChunk, StreamTally};
-use super::{Vault, check_model_name, node_actor, request_id};
+use super::wire::{self, ServedChunk, StreamTally};
+use super::{MAX_MESSAGE, Vault, check_model_name, node_actor, request_id};
 use crate::attest::{self, AttestError, NODE_KEY_LEN, NONCE_LEN, TeeKind};
 use crate::audit::entry::ActorKind;
 use crate::audit::{Action, Actor, Decision};
 use crate::envelope::manifest::{Manifest, ManifestFile};
 use crate::grant::{self, AttestedSession, CHALLENGE_TTL_MS, SESSION_TTL_MS, token_sha256};
-use crate::proto::node_server::node_service_server::NodeService;
+use crate::proto::node_server::node_service_server::{NodeService, NodeServiceServer};
 use crate::proto::v1::{
     AttestRequest, AttestResponse, FetchWeightsRequest, GetChallengeRequest, GetChallengeResponse,
     RequestGrantRequest, RequestGrantResponse,
@@ -644,8 +645,9 @@ impl NodeApi {
 const GRANT_REREAD_MS: u64 = 1000;
 
 /// Memory the chunks of all FetchWeights streams may hold at once, roughly: each sending stream
-/// has up to four chunks in flight (two queued as open files, one being encoded, one encoded in
-/// the HTTP/2 send buffer); the budget is sized for four whole chunks per stream.
+/// has up to four chunks in flight (two queued as open files, one being read into its message
+/// buffer, one or two waiting in HTTP/2's send queue, whose buffers the stream then reuses); the
+/// budget is sized for four whole chunks per stream.
 pub const STREAM_MEMORY_BUDGET: u64 = 32 * 1024 * 1024;
 
 /// How long a stream waits for its node to take the next chunk before it ends (and frees its
@@ -677,8 +679,6 @@ fn check_live(grant: &GrantRecord, now: u64) -> Result<(), ApiError> {
     }
     Ok(())
 }
-
-type ChunkStream = Pin<Box<dyn Stream<Item = Result<ServedChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl NodeService for NodeApi {
@@ -723,18 +723,53 @@ impl NodeService for NodeApi {
             }
         }
     }
+}
 
-    type FetchWeightsStream = ChunkStream;
+/// NodeService as the vault serves it: the generated server answers GetChallenge, Attest and
+/// RequestGrant, and FetchWeights is answered by [`wire::serve_fetch`] (which writes each chunk
+/// message from the blob file into a reused send buffer instead of going through tonic's codec).
+#[derive(Clone)]
+pub struct NodeServer {
+    api: Arc<NodeApi>,
+    unary: NodeServiceServer<NodeApi>,
+}
 
-    async fn fetch_weights(
-        &self,
-        req: Request<FetchWeightsRequest>,
-    ) -> Result<Response<Self::FetchWeightsStream>, Status> {
-        let rid = request_id();
-        let rx = self
-            .fetch(&rid, req.into_inner())
-            .await
-            .map_err(|e| e.into_status(&rid))?;
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+impl NodeServer {
+    pub fn new(vault: Arc<Vault>) -> Self {
+        let api = Arc::new(NodeApi::new(vault));
+        Self {
+            unary: NodeServiceServer::from_arc(api.clone()),
+            api,
+        }
+    }
+}
+
+impl NamedService for NodeServer {
+    const NAME: &'static str = <NodeServiceServer<NodeApi> as NamedService>::NAME;
+}
+
+impl Service<http::Request<tonic::body::Body>> for NodeServer {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        if req.uri().path() != wire::FETCH_PATH {
+            return self.unary.call(req);
+        }
+        let api = self.api.clone();
+        Box::pin(async move {
+            Ok(wire::serve_fetch(req, MAX_MESSAGE, |message| async move {
+                let rid = request_id();
+                api.fetch(&rid, message)
+                    .await
+                    .map_err(|e| e.into_status(&rid))
+            })
+            .await)
+        })
     }
 }

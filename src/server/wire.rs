@@ -1,23 +1,30 @@
 //! FetchWeights on the wire without an intermediate chunk buffer.
 //!
-//! A stream message is `WeightChunk { index, ciphertext }` (proto/weightvault/v1/node.proto). The
-//! generated codec would need the ciphertext in memory first and then copy it into tonic's send
-//! buffer. Here the server streams [`ServedChunk`]s, whose body may be an open blob file
-//! ([`BlobBody::File`]), and [`ChunkEncoder`] writes the message's protobuf encoding itself: the
-//! two field headers, then the file's bytes read from the page cache through a small reused
-//! buffer straight into the send buffer. The bytes on the wire are exactly prost's encoding of
-//! the same `WeightChunk` (a test below compares them), so nodes decode with the generated code.
+//! A stream message is `WeightChunk { index, ciphertext }` (proto/weightvault/v1/node.proto).
+//! Through tonic's codec the ciphertext would be read into memory first and then copied into
+//! tonic's send buffer, a fresh allocation for every message. Here the vault answers
+//! FetchWeights itself ([`serve_fetch`], routed by `node::NodeServer`): each [`ServedChunk`]
+//! becomes one gRPC message written by [`FetchBody`] into a reused buffer, the message prefix
+//! and field headers first and the blob file's bytes read from the page cache right behind
+//! them. The bytes on the wire are exactly the gRPC framing of prost's encoding of the same
+//! `WeightChunk` (a test below compares them), so nodes decode with the generated code.
 
+use std::future::Future;
 use std::io::IoSliceMut;
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
-use bytes::BufMut;
+use bytes::{Buf, Bytes};
+use http_body::Frame;
+use http_body_util::BodyExt;
+use prost::Message;
 use prost::encoding::{WireType, encode_key, encode_varint, uint64};
+use tokio::sync::mpsc;
 use tonic::Status;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
-use tonic_prost::{ProstCodec, ProstDecoder};
+use tonic::codegen::http;
 
 use crate::proto::v1::FetchWeightsRequest;
 use crate::store::BlobBody;
@@ -87,70 +94,147 @@ impl StreamTally {
 const INDEX_FIELD: u32 = 1;
 const CIPHERTEXT_FIELD: u32 = 2;
 
-/// Size of the read buffer between the page cache and the send buffer: large enough that a
-/// 4 MiB chunk takes 32 reads, small enough to stay in the core's cache.
-const SCRATCH: usize = 128 * 1024;
+/// The method's HTTP/2 path.
+pub const FETCH_PATH: &str = "/weightvault.v1.NodeService/FetchWeights";
 
-/// The FetchWeights codec: requests decoded by prost, chunks encoded by [`ChunkEncoder`].
-#[derive(Default)]
-pub struct ChunkCodec;
+/// The gRPC message prefix: compressed flag (1 byte) and length (4 bytes, big-endian), per
+/// the gRPC over HTTP/2 protocol (grpc/grpc doc/PROTOCOL-HTTP2.md, "Length-Prefixed-Message").
+const PREFIX: usize = 5;
 
-impl Codec for ChunkCodec {
-    type Encode = ServedChunk;
-    type Decode = FetchWeightsRequest;
-    type Encoder = ChunkEncoder;
-    type Decoder = RequestDecoder;
+/// Room in front of a chunk's bytes for the message prefix and the field headers (index: key
+/// and a varint of at most 10 bytes; ciphertext: key and a length varint of at most 10 bytes).
+const HEAD: usize = PREFIX + 22;
 
-    fn encoder(&mut self) -> ChunkEncoder {
-        ChunkEncoder {
-            scratch: Vec::new(),
+/// The largest FetchWeights request accepted (token, grant id, file name and range take a few
+/// hundred bytes).
+pub const MAX_REQUEST: usize = 64 * 1024;
+
+/// Message buffers kept for reuse by one response stream once HTTP/2 has sent them.
+const POOL_IDLE: usize = 2;
+
+/// Answers one FetchWeights call: decodes the request as the generated server would, asks
+/// `fetch` for the stream's chunks, and returns a response whose body is a [`FetchBody`].
+/// Refusals before the first chunk are trailers-only responses, as tonic sends them.
+pub async fn serve_fetch<F, Fut>(
+    req: http::Request<tonic::body::Body>,
+    max_message: usize,
+    fetch: F,
+) -> http::Response<tonic::body::Body>
+where
+    F: FnOnce(FetchWeightsRequest) -> Fut,
+    Fut: Future<Output = Result<mpsc::Receiver<Result<ServedChunk, Status>>, Status>>,
+{
+    let (parts, body) = req.into_parts();
+    let message = match read_request(&parts.headers, body).await {
+        Ok(m) => m,
+        Err(status) => return status.into_http(),
+    };
+    match fetch(message).await {
+        Ok(chunks) => {
+            let mut response =
+                http::Response::new(tonic::body::Body::new(FetchBody::new(chunks, max_message)));
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/grpc"),
+            );
+            response
+        }
+        Err(status) => status.into_http(),
+    }
+}
+
+/// The request message of a FetchWeights call: one uncompressed message (this server offers no
+/// compression, so a compressed request is UNIMPLEMENTED with `grpc-accept-encoding`, as the
+/// generated server answers), at most [`MAX_REQUEST`] bytes.
+async fn read_request<B>(headers: &http::HeaderMap, body: B) -> Result<FetchWeightsRequest, Status>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    if let Some(encoding) = headers.get("grpc-encoding")
+        && encoding != "identity"
+    {
+        let mut status = Status::unimplemented(format!(
+            "request compressed with {} which this server does not accept",
+            String::from_utf8_lossy(encoding.as_bytes())
+        ));
+        status.metadata_mut().insert(
+            "grpc-accept-encoding",
+            tonic::metadata::MetadataValue::from_static("identity"),
+        );
+        return Err(status);
+    }
+    let limited = http_body_util::Limited::new(body, PREFIX + MAX_REQUEST);
+    let mut data = match limited.collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(Status::out_of_range(format!(
+                "FetchWeights request larger than {MAX_REQUEST} bytes"
+            )));
+        }
+        Err(e) => return Err(Status::from_error(e)),
+    };
+    if data.is_empty() {
+        // The generated server's words for the same case.
+        return Err(Status::internal("Missing request message."));
+    }
+    if data.len() < PREFIX {
+        return Err(Status::internal("request ended inside a message prefix"));
+    }
+    let compressed = data.get_u8();
+    let len = data.get_u32() as usize;
+    if compressed != 0 {
+        return Err(Status::internal(
+            "compressed request message without a grpc-encoding",
+        ));
+    }
+    if data.len() < len {
+        return Err(Status::internal("request ended inside a message"));
+    }
+    if data.len() > len {
+        return Err(Status::invalid_argument(
+            "FetchWeights takes exactly one request message",
+        ));
+    }
+    FetchWeightsRequest::decode(data).map_err(|e| Status::internal(e.to_string()))
+}
+
+/// The body of a FetchWeights response: each chunk becomes one gRPC message, written into one
+/// buffer as the message prefix, the two field headers and the chunk's bytes read from the page
+/// cache right behind them, so the whole message is a single `Bytes` (HTTP/2 sends it as one
+/// DATA frame when the node's frame size allows, and the node slices it out without a copy).
+/// The buffers come back to the stream's pool once HTTP/2 has written them, so a stream reads
+/// into memory that is already mapped instead of faulting in fresh pages for every chunk. The
+/// status goes out in the trailers: OK after the last chunk, or the error that ended the stream.
+pub struct FetchBody {
+    chunks: mpsc::Receiver<Result<ServedChunk, Status>>,
+    pool: Arc<Pool>,
+    max_message: usize,
+    /// `RWF_NOWAIT` reads are supported by the blob files' file system (see [`read_piece`]).
+    nowait: bool,
+    ended: bool,
+}
+
+impl FetchBody {
+    pub fn new(chunks: mpsc::Receiver<Result<ServedChunk, Status>>, max_message: usize) -> Self {
+        Self {
+            chunks,
+            pool: Arc::default(),
+            max_message,
+            nowait: true,
+            ended: false,
         }
     }
 
-    fn decoder(&mut self) -> RequestDecoder {
-        RequestDecoder(ProstCodec::<(), FetchWeightsRequest>::default().decoder())
-    }
-}
-
-/// Decodes FetchWeights requests exactly as the generated code does.
-pub struct RequestDecoder(ProstDecoder<FetchWeightsRequest>);
-
-impl Decoder for RequestDecoder {
-    type Item = FetchWeightsRequest;
-    type Error = Status;
-
-    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Status> {
-        self.0.decode(buf)
-    }
-}
-
-/// Encodes [`ServedChunk`]s as `WeightChunk` messages; one per response stream.
-pub struct ChunkEncoder {
-    /// Allocated on the first file-backed chunk, reused for every later one.
-    scratch: Vec<u8>,
-}
-
-impl Encoder for ChunkEncoder {
-    type Item = ServedChunk;
-    type Error = Status;
-
-    fn encode(&mut self, item: ServedChunk, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        // Room for the whole message at once (field headers take at most 1 + 10 + 1 + 10 bytes).
-        dst.reserve(usize::try_from(item.body.len()).unwrap_or(0) + 22);
-        self.write_counted(item, dst)
-    }
-}
-
-impl ChunkEncoder {
-    /// [`ChunkEncoder::write`], recording the outcome in the stream's tally.
-    fn write_counted(&mut self, item: ServedChunk, dst: &mut impl BufMut) -> Result<(), Status> {
-        let len = item.body.len();
-        let tally = item.tally.clone();
-        match self.write(item, dst) {
-            Ok(()) => {
+    /// One chunk as a whole gRPC message, its outcome recorded in the stream's tally.
+    fn message(&mut self, chunk: ServedChunk) -> Result<Bytes, Status> {
+        let len = chunk.body.len();
+        let tally = chunk.tally.clone();
+        match self.encode(chunk) {
+            Ok(message) => {
                 tally.finished(Some(len));
                 crate::server::metrics::bytes_served(len);
-                Ok(())
+                Ok(message)
             }
             Err(status) => {
                 tally.finished(None);
@@ -159,48 +243,141 @@ impl ChunkEncoder {
         }
     }
 
-    fn write(&mut self, item: ServedChunk, dst: &mut impl BufMut) -> Result<(), Status> {
-        let len = item.body.len();
+    fn encode(&mut self, chunk: ServedChunk) -> Result<Bytes, Status> {
+        let len = chunk.body.len();
         let size = usize::try_from(len)
             .map_err(|_| Status::internal("chunk larger than this platform's address space"))?;
-        // proto3: fields holding their default value are not encoded (prost does the same).
-        if item.index != 0 {
-            uint64::encode(INDEX_FIELD, &item.index, dst);
+        let mut fields = [0u8; HEAD - PREFIX];
+        let fields_len = {
+            let mut out = &mut fields[..];
+            // proto3: fields holding their default value are not encoded (prost does the same).
+            if chunk.index != 0 {
+                uint64::encode(INDEX_FIELD, &chunk.index, &mut out);
+            }
+            if len != 0 {
+                encode_key(CIPHERTEXT_FIELD, WireType::LengthDelimited, &mut out);
+                encode_varint(len, &mut out);
+            }
+            HEAD - PREFIX - out.len()
+        };
+        let message_len = fields_len + size;
+        if message_len > self.max_message {
+            return Err(Status::out_of_range(format!(
+                "encoded chunk of {message_len} bytes exceeds the message limit of {} bytes",
+                self.max_message
+            )));
         }
-        if len == 0 {
-            return Ok(());
-        }
-        encode_key(CIPHERTEXT_FIELD, WireType::LengthDelimited, dst);
-        encode_varint(len, dst);
-        match item.body {
-            BlobBody::Bytes(bytes) => dst.put_slice(&bytes),
+        let start = HEAD - PREFIX - fields_len;
+        let mut buf = self.pool.take(HEAD + size);
+        buf[start] = 0; // not compressed
+        buf[start + 1..start + PREFIX].copy_from_slice(&(message_len as u32).to_be_bytes());
+        buf[start + PREFIX..HEAD].copy_from_slice(&fields[..fields_len]);
+        let dst = &mut buf[HEAD..HEAD + size];
+        match chunk.body {
+            BlobBody::Bytes(bytes) => dst.copy_from_slice(&bytes),
             BlobBody::File { file, .. } => {
-                if self.scratch.is_empty() {
-                    self.scratch = vec![0; SCRATCH];
-                }
                 let mut done = 0usize;
-                let mut nowait = true;
                 while done < size {
-                    let want = (size - done).min(SCRATCH);
-                    let piece = &mut self.scratch[..want];
-                    let n = match read_piece(&file, piece, done as u64, &mut nowait) {
+                    let n = match read_piece(&file, &mut dst[done..], done as u64, &mut self.nowait)
+                    {
                         Ok(0) => {
-                            tracing::error!(chunk = item.index, "chunk blob ended early");
+                            tracing::error!(chunk = chunk.index, "chunk blob ended early");
                             return Err(Status::internal("chunk unreadable"));
                         }
                         Ok(n) => n,
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                         Err(e) => {
-                            tracing::error!(chunk = item.index, error = %e, "reading chunk blob");
+                            tracing::error!(chunk = chunk.index, error = %e, "reading chunk blob");
                             return Err(Status::internal("chunk unreadable"));
                         }
                     };
-                    dst.put_slice(&self.scratch[..n]);
                     done += n;
                 }
             }
         }
-        Ok(())
+        Ok(Bytes::from_owner(Leased {
+            buf,
+            pool: self.pool.clone(),
+        })
+        .slice(start..HEAD + size))
+    }
+
+    fn end(&mut self, status: Status) -> Frame<Bytes> {
+        self.ended = true;
+        let mut trailers = http::HeaderMap::new();
+        if let Err(unencodable) = status.add_header(&mut trailers) {
+            trailers.clear();
+            let _ = Status::internal(unencodable.message().to_owned()).add_header(&mut trailers);
+        }
+        Frame::trailers(trailers)
+    }
+}
+
+impl http_body::Body for FetchBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        let frame = match std::task::ready!(self.chunks.poll_recv(cx)) {
+            Some(Ok(chunk)) => match self.message(chunk) {
+                Ok(message) => Frame::data(message),
+                Err(status) => self.end(status),
+            },
+            Some(Err(status)) => self.end(status),
+            None => self.end(Status::ok("")),
+        };
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended
+    }
+}
+
+/// One response stream's idle message buffers.
+#[derive(Default)]
+struct Pool {
+    idle: Mutex<Vec<Vec<u8>>>,
+}
+
+impl Pool {
+    /// A buffer of at least `len` initialised bytes: an idle one when it is large enough (a
+    /// model's chunks have one size but the last), else a new one.
+    fn take(&self, len: usize) -> Vec<u8> {
+        let idle = self.idle.lock().ok().and_then(|mut idle| idle.pop());
+        match idle {
+            Some(buf) if buf.len() >= len => buf,
+            _ => vec![0; len],
+        }
+    }
+}
+
+/// A buffer lent to HTTP/2 inside a `Bytes`; back to its pool when HTTP/2 drops it.
+struct Leased {
+    buf: Vec<u8>,
+    pool: Arc<Pool>,
+}
+
+impl AsRef<[u8]> for Leased {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Leased {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        if let Ok(mut idle) = self.pool.idle.lock()
+            && idle.len() < POOL_IDLE
+        {
+            idle.push(buf);
+        }
     }
 }
 
@@ -243,17 +420,27 @@ fn read_piece(
 
 #[cfg(test)]
 mod tests {
-    use bytes::{Bytes, BytesMut};
+    use http_body_util::Full;
     use prost::Message;
 
     use super::*;
     use crate::proto::v1::WeightChunk;
 
-    /// The payload our encoder writes for one chunk, without tonic's 5-byte frame header.
-    fn encode(chunk: ServedChunk) -> Result<Vec<u8>, Status> {
-        let mut buf = BytesMut::new();
-        ChunkCodec.encoder().write_counted(chunk, &mut buf)?;
-        Ok(buf.to_vec())
+    fn body() -> FetchBody {
+        FetchBody::new(mpsc::channel(1).1, usize::MAX)
+    }
+
+    /// What the vault must send for one chunk: the gRPC framing of prost's encoding.
+    fn framed(index: u64, data: &[u8]) -> Vec<u8> {
+        let message = WeightChunk {
+            index,
+            ciphertext: Bytes::copy_from_slice(data),
+        }
+        .encode_to_vec();
+        let mut want = vec![0u8];
+        want.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        want.extend_from_slice(&message);
+        want
     }
 
     fn file_with(bytes: &[u8]) -> (tempfile::TempDir, std::fs::File) {
@@ -264,50 +451,58 @@ mod tests {
         (dir, file)
     }
 
+    fn file_chunk(index: u64, data: &[u8]) -> (tempfile::TempDir, ServedChunk) {
+        let (dir, file) = file_with(data);
+        let chunk = ServedChunk {
+            index,
+            body: BlobBody::File {
+                file,
+                len: data.len() as u64,
+            },
+            tally: Arc::default(),
+        };
+        (dir, chunk)
+    }
+
     #[test]
-    fn the_bytes_are_prosts_encoding_of_the_same_weight_chunk() {
-        // Sizes around the read buffer's and the varint's boundaries, index 0 (omitted field).
+    fn the_bytes_are_the_grpc_framing_of_prosts_encoding() {
+        // Sizes around the varints' boundaries, index 0 (omitted field), an empty chunk.
+        let mut body = body();
         for (index, size) in [
-            (0u64, 16usize),
+            (0u64, 0usize),
+            (0, 16),
             (1, 127),
             (7, 128),
-            (300, SCRATCH - 1),
-            (1 << 40, SCRATCH + 1),
-            (u64::MAX, 3 * SCRATCH + 17),
+            (300, 16_383),
+            (1 << 40, 16_384),
+            (u64::MAX, 3 * 131_072 + 17),
         ] {
             let data: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
-            let want = WeightChunk {
-                index,
-                ciphertext: Bytes::from(data.clone()),
-            }
-            .encode_to_vec();
-            let from_bytes = encode(ServedChunk {
-                index,
-                body: BlobBody::Bytes(Bytes::from(data.clone())),
-                tally: Arc::default(),
-            })
-            .unwrap();
-            assert_eq!(from_bytes, want, "bytes body, size {size}");
-            let (_dir, file) = file_with(&data);
-            let from_file = encode(ServedChunk {
-                index,
-                body: BlobBody::File {
-                    file,
-                    len: size as u64,
-                },
-                tally: Arc::default(),
-            })
-            .unwrap();
-            assert_eq!(from_file, want, "file body, size {size}");
-            assert_eq!(WeightChunk::decode(&from_file[..]).unwrap().index, index);
+            let want = framed(index, &data);
+            let from_bytes = body
+                .message(ServedChunk {
+                    index,
+                    body: BlobBody::Bytes(Bytes::from(data.clone())),
+                    tally: Arc::default(),
+                })
+                .unwrap();
+            assert_eq!(from_bytes[..], want[..], "bytes body, size {size}");
+            let (_dir, chunk) = file_chunk(index, &data);
+            let from_file = body.message(chunk).unwrap();
+            assert_eq!(from_file[..], want[..], "file body, size {size}");
+            assert_eq!(
+                WeightChunk::decode(&from_file[PREFIX..]).unwrap().index,
+                index
+            );
         }
     }
 
     #[test]
     fn a_file_shorter_than_its_recorded_length_is_an_error_on_the_tally() {
+        let mut body = body();
         let tally = Arc::new(StreamTally::default());
         let (_dir, file) = file_with(&[7u8; 100]);
-        encode(ServedChunk {
+        body.message(ServedChunk {
             index: 2,
             body: BlobBody::File { file, len: 100 },
             tally: tally.clone(),
@@ -315,37 +510,230 @@ mod tests {
         .unwrap();
         assert_eq!((tally.encoded_bytes(), tally.failed()), (100, false));
         let (_dir, file) = file_with(&[7u8; 100]);
-        let err = encode(ServedChunk {
-            index: 3,
-            body: BlobBody::File { file, len: 200 },
-            tally: tally.clone(),
-        })
-        .unwrap_err();
+        let err = body
+            .message(ServedChunk {
+                index: 3,
+                body: BlobBody::File { file, len: 200 },
+                tally: tally.clone(),
+            })
+            .unwrap_err();
         assert_eq!(err.code(), tonic::Code::Internal);
         assert_eq!(err.message(), "chunk unreadable");
         // Only what was encoded counts; the failure is recorded for the stream's audit entry.
         assert_eq!((tally.encoded_bytes(), tally.failed()), (100, true));
     }
 
+    #[test]
+    fn a_message_over_the_limit_is_refused_and_counted_as_failed() {
+        let mut body = FetchBody::new(mpsc::channel(1).1, 1000);
+        let tally = Arc::new(StreamTally::default());
+        let err = body
+            .message(ServedChunk {
+                index: 1,
+                body: BlobBody::Bytes(Bytes::from(vec![1u8; 1000])),
+                tally: tally.clone(),
+            })
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::OutOfRange);
+        assert!(tally.failed());
+        assert_eq!(tally.encoded_bytes(), 0);
+    }
+
+    #[test]
+    fn buffers_come_back_once_sent_and_a_reused_one_carries_only_its_own_chunk() {
+        let mut body = body();
+        let big: Vec<u8> = (0..10_000).map(|i| (i % 241) as u8).collect();
+        let (_d1, chunk) = file_chunk(1, &big);
+        let first = body.message(chunk).unwrap();
+        let base = first.as_ptr() as usize;
+        drop(first);
+        // The same buffer again (its message starts at the same place for the same index).
+        let (_d2, chunk) = file_chunk(1, &big);
+        let second = body.message(chunk).unwrap();
+        assert_eq!(second.as_ptr() as usize, base);
+        drop(second);
+        // A smaller last chunk in the larger buffer: exactly its own bytes.
+        let small = [9u8; 33];
+        let (_d3, chunk) = file_chunk(2, &small);
+        let third = body.message(chunk).unwrap();
+        assert_eq!(third[..], framed(2, &small)[..]);
+        drop(third);
+        // At most POOL_IDLE buffers wait once everything in flight came back.
+        let held: Vec<Bytes> = (0..POOL_IDLE + 3)
+            .map(|i| {
+                body.message(ServedChunk {
+                    index: i as u64,
+                    body: BlobBody::Bytes(Bytes::from(vec![5u8; 64])),
+                    tally: Arc::default(),
+                })
+                .unwrap()
+            })
+            .collect();
+        assert_eq!(body.pool.idle.lock().unwrap().len(), 0);
+        drop(held);
+        assert_eq!(body.pool.idle.lock().unwrap().len(), POOL_IDLE);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn reads_on_a_multi_thread_runtime_give_the_same_bytes() {
         // The waiting path (block_in_place) and the page-cache path both end in these bytes.
-        let data: Vec<u8> = (0..SCRATCH * 2 + 5).map(|i| (i % 253) as u8).collect();
-        let (_dir, file) = file_with(&data);
-        let want = WeightChunk {
-            index: 9,
-            ciphertext: Bytes::from(data.clone()),
+        let data: Vec<u8> = (0..300_005).map(|i| (i % 253) as u8).collect();
+        let (_dir, chunk) = file_chunk(9, &data);
+        let got = body().message(chunk).unwrap();
+        assert_eq!(got[..], framed(9, &data)[..]);
+    }
+
+    async fn frames(body: FetchBody) -> (Vec<Bytes>, http::HeaderMap) {
+        let mut body = std::pin::pin!(body);
+        let mut data = Vec::new();
+        let mut trailers = None;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.unwrap();
+            assert!(trailers.is_none(), "a frame after the trailers");
+            match frame.into_data() {
+                Ok(d) => data.push(d),
+                Err(f) => trailers = Some(f.into_trailers().unwrap()),
+            }
         }
-        .encode_to_vec();
-        let got = encode(ServedChunk {
-            index: 9,
-            body: BlobBody::File {
-                file,
-                len: data.len() as u64,
-            },
+        assert!(http_body::Body::is_end_stream(&*body));
+        (data, trailers.expect("trailers"))
+    }
+
+    #[tokio::test]
+    async fn the_body_sends_each_chunk_then_the_status_in_the_trailers() {
+        let (tx, rx) = mpsc::channel(4);
+        for i in 0..2u64 {
+            tx.send(Ok(ServedChunk {
+                index: i,
+                body: BlobBody::Bytes(Bytes::from(vec![i as u8; 20])),
+                tally: Arc::default(),
+            }))
+            .await
+            .unwrap();
+        }
+        drop(tx);
+        let (data, trailers) = frames(FetchBody::new(rx, usize::MAX)).await;
+        assert_eq!(data.len(), 2);
+        assert_eq!(data[1][..], framed(1, &[1u8; 20])[..]);
+        assert_eq!(trailers.get("grpc-status").unwrap(), "0");
+        assert!(trailers.get("grpc-message").is_none());
+
+        // An error from the producer ends the stream with its status and metadata.
+        let (tx, rx) = mpsc::channel(4);
+        let mut status = Status::resource_exhausted("budget spent");
+        status
+            .metadata_mut()
+            .insert("x-request-id", "00ff".parse().unwrap());
+        tx.send(Err(status)).await.unwrap();
+        let (data, trailers) = frames(FetchBody::new(rx, usize::MAX)).await;
+        assert!(data.is_empty());
+        assert_eq!(trailers.get("grpc-status").unwrap(), "8");
+        assert_eq!(trailers.get("grpc-message").unwrap(), "budget%20spent");
+        assert_eq!(trailers.get("x-request-id").unwrap(), "00ff");
+
+        // A chunk that cannot be read ends it with INTERNAL after what was sent.
+        let (tx, rx) = mpsc::channel(4);
+        let (_dir, file) = file_with(&[1u8; 10]);
+        tx.send(Ok(ServedChunk {
+            index: 0,
+            body: BlobBody::Bytes(Bytes::from_static(b"ok")),
             tally: Arc::default(),
-        })
+        }))
+        .await
         .unwrap();
-        assert_eq!(got, want);
+        tx.send(Ok(ServedChunk {
+            index: 1,
+            body: BlobBody::File { file, len: 11 },
+            tally: Arc::default(),
+        }))
+        .await
+        .unwrap();
+        let (data, trailers) = frames(FetchBody::new(rx, usize::MAX)).await;
+        assert_eq!(data.len(), 1);
+        assert_eq!(trailers.get("grpc-status").unwrap(), "13");
+    }
+
+    async fn request(
+        headers: &[(&'static str, &str)],
+        body: Vec<u8>,
+    ) -> Result<FetchWeightsRequest, Status> {
+        let mut map = http::HeaderMap::new();
+        for (k, v) in headers {
+            map.insert(*k, v.parse().unwrap());
+        }
+        read_request(&map, Full::new(Bytes::from(body))).await
+    }
+
+    fn one_message(message: &[u8]) -> Vec<u8> {
+        let mut framed = vec![0u8];
+        framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        framed.extend_from_slice(message);
+        framed
+    }
+
+    #[tokio::test]
+    async fn requests_are_read_as_the_generated_server_reads_them_and_bad_ones_refused() {
+        let want = FetchWeightsRequest {
+            grant_id: "g".into(),
+            file: "model.safetensors".into(),
+            first_chunk: 3,
+            ..Default::default()
+        };
+        let good = one_message(&want.encode_to_vec());
+        assert_eq!(request(&[], good.clone()).await.unwrap(), want);
+        assert_eq!(
+            request(&[("grpc-encoding", "identity")], good.clone())
+                .await
+                .unwrap(),
+            want
+        );
+
+        let compressed = request(&[("grpc-encoding", "gzip")], good.clone())
+            .await
+            .unwrap_err();
+        assert_eq!(compressed.code(), tonic::Code::Unimplemented);
+        assert_eq!(
+            compressed.metadata().get("grpc-accept-encoding").unwrap(),
+            "identity"
+        );
+        assert_eq!(
+            request(&[], Vec::new()).await.unwrap_err().code(),
+            tonic::Code::Internal
+        );
+        assert_eq!(
+            request(&[], good[..3].to_vec()).await.unwrap_err().code(),
+            tonic::Code::Internal
+        );
+        let mut flagged = good.clone();
+        flagged[0] = 1;
+        assert_eq!(
+            request(&[], flagged).await.unwrap_err().code(),
+            tonic::Code::Internal
+        );
+        let mut two = good.clone();
+        two.extend_from_slice(&good);
+        assert_eq!(
+            request(&[], two).await.unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+        assert_eq!(
+            request(&[], good[..good.len() - 1].to_vec())
+                .await
+                .unwrap_err()
+                .code(),
+            tonic::Code::Internal
+        );
+        let huge = one_message(&vec![0u8; MAX_REQUEST + 1]);
+        assert_eq!(
+            request(&[], huge).await.unwrap_err().code(),
+            tonic::Code::OutOfRange
+        );
+        assert_eq!(
+            request(&[], one_message(&[0xff, 0xff]))
+                .await
+                .unwrap_err()
+                .code(),
+            tonic::Code::Internal
+        );
     }
 }

@@ -366,7 +366,7 @@ pub trait MetadataStore: Send + Sync + 'static {
 /// - `get` of a missing key is `NotFound`.
 /// - `open` is `get` for sending an object on: the same object, either as bytes or as an open
 ///   file of exactly `len` bytes that the sender reads itself (the local backend, so a chunk goes
-///   from the page cache into the send buffer without a buffer of its own). A missing key is
+///   from the page cache straight into the message buffer HTTP/2 sends). A missing key is
 ///   `NotFound`.
 #[async_trait]
 pub trait BlobStore: Send + Sync + 'static {
