@@ -491,6 +491,11 @@ impl NodeApi {
             // The grant as last read, the store's revocation epoch before that read, and when.
             let mut last_read: Option<(GrantRecord, Option<u64>, u64)> = None;
             for index in req.first_chunk..end {
+                // A chunk the response body could not send ends the stream (the body sends its
+                // error once this task has recorded the end below and let go).
+                if tally.failed() {
+                    break;
+                }
                 // Validity is checked per chunk, so revocation and expiry stop a stream within
                 // one chunk. The grant row is read again unless the store vouches that no
                 // revocation committed since the last read (the embedded store, which only
@@ -586,7 +591,7 @@ impl NodeApi {
                 queued += len;
                 queued_chunks += 1;
             }
-            // What reached the response is known once the encoder is done with every queued
+            // What reached the response is known once the body is done with every queued
             // chunk (or the node went away). The stream ends only after `fetch_end` is
             // durable, so a node that saw its stream complete finds it on the record. (Not
             // after a stall: the node is not taking chunks, and the slot goes back now.)
@@ -738,7 +743,7 @@ impl NodeServer {
     pub fn new(vault: Arc<Vault>) -> Self {
         let api = Arc::new(NodeApi::new(vault));
         Self {
-            unary: NodeServiceServer::from_arc(api.clone()),
+            unary: NodeServiceServer::from_arc(api.clone()).max_encoding_message_size(MAX_MESSAGE),
             api,
         }
     }

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use http_body::Frame;
 use http_body_util::BodyExt;
 use prost::Message;
@@ -33,12 +33,12 @@ use crate::store::BlobBody;
 pub struct ServedChunk {
     pub index: u64,
     pub body: BlobBody,
-    /// Where the encoder records what became of the stream's chunks.
+    /// Where [`FetchBody`] records what became of the stream's chunks.
     pub tally: Arc<StreamTally>,
 }
 
-/// What the encoder did with one stream's chunks. The stream's producer queues chunks before
-/// they are read, so the bytes that really went into the send buffer, and whether a read
+/// What [`FetchBody`] did with one stream's chunks. The stream's producer queues chunks before
+/// they are read, so the bytes that really went into the response, and whether a read
 /// failed, are known only here; the producer reads them for its `fetch_end` record once the
 /// response is over.
 #[derive(Default)]
@@ -46,7 +46,7 @@ pub struct StreamTally {
     encoded: AtomicU64,
     chunks: AtomicU64,
     failed: AtomicBool,
-    /// Woken after every chunk the encoder finished (or failed).
+    /// Woken after every chunk the body finished (or failed).
     progress: tokio::sync::Notify,
 }
 
@@ -66,7 +66,7 @@ impl StreamTally {
         self.chunks.load(Ordering::SeqCst)
     }
 
-    /// Waits until the encoder has finished `chunks` chunks of the stream, or one failed.
+    /// Waits until the body has finished `chunks` chunks of the stream, or one failed.
     pub async fn settled(&self, chunks: u64) {
         loop {
             // Registered before the check, so a chunk finishing in between is not missed.
@@ -112,9 +112,10 @@ pub const MAX_REQUEST: usize = 64 * 1024;
 /// Message buffers kept for reuse by one response stream once HTTP/2 has sent them.
 const POOL_IDLE: usize = 2;
 
-/// Answers one FetchWeights call: decodes the request as the generated server would, asks
-/// `fetch` for the stream's chunks, and returns a response whose body is a [`FetchBody`].
-/// Refusals before the first chunk are trailers-only responses, as tonic sends them.
+/// Answers one FetchWeights call: reads the request ([`read_request`]), asks `fetch` for the
+/// stream's chunks, and returns a response whose body is a [`FetchBody`]. A refusal of the
+/// request or by `fetch` (the checks before the stream starts) is a trailers-only response, as
+/// tonic sends it; a status after that ends the body in its trailers.
 pub async fn serve_fetch<F, Fut>(
     req: http::Request<tonic::body::Body>,
     max_message: usize,
@@ -145,7 +146,9 @@ where
 
 /// The request message of a FetchWeights call: one uncompressed message (this server offers no
 /// compression, so a compressed request is UNIMPLEMENTED with `grpc-accept-encoding`, as the
-/// generated server answers), at most [`MAX_REQUEST`] bytes.
+/// generated server answers it) of at most [`MAX_REQUEST`] bytes. The frames are copied into
+/// one buffer as they arrive and refused as soon as they would exceed it, so a client sending
+/// tiny frames cannot make the vault hold more than that per request.
 async fn read_request<B>(headers: &http::HeaderMap, body: B) -> Result<FetchWeightsRequest, Status>
 where
     B: http_body::Body<Data = Bytes>,
@@ -164,16 +167,30 @@ where
         );
         return Err(status);
     }
-    let limited = http_body_util::Limited::new(body, PREFIX + MAX_REQUEST);
-    let mut data = match limited.collect().await {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(Status::out_of_range(format!(
-                "FetchWeights request larger than {MAX_REQUEST} bytes"
-            )));
-        }
-        Err(e) => return Err(Status::from_error(e)),
+    let too_large = || {
+        Status::out_of_range(format!(
+            "FetchWeights request larger than {MAX_REQUEST} bytes"
+        ))
     };
+    let mut body = std::pin::pin!(body);
+    let mut data = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| Status::from_error(e.into()))?;
+        // Trailers (none are defined for this call) are ignored.
+        let Ok(piece) = frame.into_data() else {
+            continue;
+        };
+        if data.len() + piece.len() > PREFIX + MAX_REQUEST {
+            return Err(too_large());
+        }
+        data.extend_from_slice(&piece);
+        // A declared length over the limit is refused without waiting for the bytes.
+        if data.len() >= PREFIX
+            && u32::from_be_bytes([data[1], data[2], data[3], data[4]]) as usize > MAX_REQUEST
+        {
+            return Err(too_large());
+        }
+    }
     if data.is_empty() {
         // The generated server's words for the same case.
         return Err(Status::internal("Missing request message."));
@@ -196,7 +213,7 @@ where
             "FetchWeights takes exactly one request message",
         ));
     }
-    FetchWeightsRequest::decode(data).map_err(|e| Status::internal(e.to_string()))
+    FetchWeightsRequest::decode(data.freeze()).map_err(|e| Status::internal(e.to_string()))
 }
 
 /// The body of a FetchWeights response: each chunk becomes one gRPC message, written into one
@@ -205,13 +222,17 @@ where
 /// DATA frame when the node's frame size allows, and the node slices it out without a copy).
 /// The buffers come back to the stream's pool once HTTP/2 has written them, so a stream reads
 /// into memory that is already mapped instead of faulting in fresh pages for every chunk. The
-/// status goes out in the trailers: OK after the last chunk, or the error that ended the stream.
+/// status goes out in the trailers once the producer has closed the stream (after its
+/// `fetch_end` record is durable): OK after the last chunk, or the error that ended the stream.
 pub struct FetchBody {
     chunks: mpsc::Receiver<Result<ServedChunk, Status>>,
     pool: Arc<Pool>,
     max_message: usize,
     /// `RWF_NOWAIT` reads are supported by the blob files' file system (see [`read_piece`]).
     nowait: bool,
+    /// A chunk could not be sent: this status goes out once the producer, which sees the
+    /// failure on the tally and queues no more, has recorded the end and let go.
+    failure: Option<Status>,
     ended: bool,
 }
 
@@ -222,6 +243,7 @@ impl FetchBody {
             pool: Arc::default(),
             max_message,
             nowait: true,
+            failure: None,
             ended: false,
         }
     }
@@ -267,10 +289,13 @@ impl FetchBody {
                 self.max_message
             )));
         }
+        // The limit is below 4 GiB in the vault (MAX_MESSAGE); a larger one cannot be framed.
+        let prefix_len = u32::try_from(message_len)
+            .map_err(|_| Status::out_of_range("a gRPC message is at most 4 GiB"))?;
         let start = HEAD - PREFIX - fields_len;
         let mut buf = self.pool.take(HEAD + size);
         buf[start] = 0; // not compressed
-        buf[start + 1..start + PREFIX].copy_from_slice(&(message_len as u32).to_be_bytes());
+        buf[start + 1..start + PREFIX].copy_from_slice(&prefix_len.to_be_bytes());
         buf[start + PREFIX..HEAD].copy_from_slice(&fields[..fields_len]);
         let dst = &mut buf[HEAD..HEAD + size];
         match chunk.body {
@@ -324,15 +349,28 @@ impl http_body::Body for FetchBody {
         if self.ended {
             return Poll::Ready(None);
         }
-        let frame = match std::task::ready!(self.chunks.poll_recv(cx)) {
-            Some(Ok(chunk)) => match self.message(chunk) {
-                Ok(message) => Frame::data(message),
-                Err(status) => self.end(status),
-            },
-            Some(Err(status)) => self.end(status),
-            None => self.end(Status::ok("")),
-        };
-        Poll::Ready(Some(Ok(frame)))
+        loop {
+            let frame = match std::task::ready!(self.chunks.poll_recv(cx)) {
+                // Chunks queued before the producer saw a failure are not sent.
+                Some(Ok(_)) if self.failure.is_some() => continue,
+                Some(Ok(chunk)) => match self.message(chunk) {
+                    Ok(message) => Frame::data(message),
+                    Err(status) => {
+                        self.failure = Some(status);
+                        continue;
+                    }
+                },
+                Some(Err(status)) => {
+                    let status = self.failure.take().unwrap_or(status);
+                    self.end(status)
+                }
+                None => {
+                    let status = self.failure.take().unwrap_or_else(|| Status::ok(""));
+                    self.end(status)
+                }
+            };
+            return Poll::Ready(Some(Ok(frame)));
+        }
     }
 
     fn is_end_stream(&self) -> bool {
@@ -381,7 +419,7 @@ impl Drop for Leased {
     }
 }
 
-/// Reads part of a chunk file at `offset`. The encoder runs on an async worker, so a read must
+/// Reads part of a chunk file at `offset`. [`FetchBody`] runs on an async worker, so a read must
 /// not wait for the disk there: it first asks for what the page cache holds without waiting
 /// (`preadv2` with `RWF_NOWAIT`, Linux 4.14+; `LocalBlobs::open` asked for the file to be read
 /// ahead), and only when that would block does it wait, inside `block_in_place` on a
@@ -631,26 +669,44 @@ mod tests {
         assert_eq!(trailers.get("grpc-message").unwrap(), "budget%20spent");
         assert_eq!(trailers.get("x-request-id").unwrap(), "00ff");
 
-        // A chunk that cannot be read ends it with INTERNAL after what was sent.
+        // A chunk that cannot be read ends it with INTERNAL after what was sent, and only once
+        // the producer has let go of the stream (it records `fetch_end` first); chunks it had
+        // queued behind the failed one are not sent.
         let (tx, rx) = mpsc::channel(4);
         let (_dir, file) = file_with(&[1u8; 10]);
-        tx.send(Ok(ServedChunk {
-            index: 0,
-            body: BlobBody::Bytes(Bytes::from_static(b"ok")),
-            tally: Arc::default(),
-        }))
-        .await
-        .unwrap();
-        tx.send(Ok(ServedChunk {
-            index: 1,
-            body: BlobBody::File { file, len: 11 },
-            tally: Arc::default(),
-        }))
-        .await
-        .unwrap();
+        let tally = Arc::new(StreamTally::default());
+        for (index, body) in [
+            (0, BlobBody::Bytes(Bytes::from_static(b"ok"))),
+            (1, BlobBody::File { file, len: 11 }),
+            (2, BlobBody::Bytes(Bytes::from_static(b"queued"))),
+        ] {
+            let tally = tally.clone();
+            tx.send(Ok(ServedChunk { index, body, tally }))
+                .await
+                .unwrap();
+        }
+        let recorded = Arc::new(AtomicBool::new(false));
+        let producer = {
+            let recorded = recorded.clone();
+            let tally = tally.clone();
+            tokio::spawn(async move {
+                tally.settled(u64::MAX).await;
+                assert!(tally.failed());
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                recorded.store(true, Ordering::SeqCst);
+                drop(tx);
+            })
+        };
         let (data, trailers) = frames(FetchBody::new(rx, usize::MAX)).await;
+        assert!(
+            recorded.load(Ordering::SeqCst),
+            "status sent before the producer ended"
+        );
+        producer.await.unwrap();
         assert_eq!(data.len(), 1);
+        assert_eq!(data[0][..], framed(0, b"ok")[..]);
         assert_eq!(trailers.get("grpc-status").unwrap(), "13");
+        assert_eq!(tally.encoded_bytes(), 2);
     }
 
     async fn request(
@@ -725,7 +781,15 @@ mod tests {
         );
         let huge = one_message(&vec![0u8; MAX_REQUEST + 1]);
         assert_eq!(
-            request(&[], huge).await.unwrap_err().code(),
+            request(&[], huge.clone()).await.unwrap_err().code(),
+            tonic::Code::OutOfRange
+        );
+        // Refused from the declared length alone.
+        assert_eq!(
+            request(&[], huge[..PREFIX + 10].to_vec())
+                .await
+                .unwrap_err()
+                .code(),
             tonic::Code::OutOfRange
         );
         assert_eq!(
@@ -735,5 +799,34 @@ mod tests {
                 .code(),
             tonic::Code::Internal
         );
+    }
+
+    fn byte_frames(
+        bytes: impl Iterator<Item = u8> + Send + 'static,
+    ) -> impl http_body::Body<Data = Bytes, Error = std::convert::Infallible> {
+        http_body_util::StreamBody::new(tokio_stream::iter(
+            bytes.map(|b| Ok(Frame::data(Bytes::copy_from_slice(&[b])))),
+        ))
+    }
+
+    #[tokio::test]
+    async fn a_request_in_one_byte_frames_is_read_and_an_endless_one_refused_at_the_limit() {
+        let want = FetchWeightsRequest {
+            grant_id: "g".repeat(300),
+            ..Default::default()
+        };
+        let framed = one_message(&want.encode_to_vec());
+        let headers = http::HeaderMap::new();
+        let got = read_request(&headers, byte_frames(framed.into_iter())).await;
+        assert_eq!(got.unwrap(), want);
+        // A prefix declaring the limit, then bytes without end: refused once past the limit
+        // (an unbounded reader would never return).
+        let mut prefix = vec![0u8];
+        prefix.extend_from_slice(&(MAX_REQUEST as u32).to_be_bytes());
+        let endless = prefix.into_iter().chain(std::iter::repeat(0x0a));
+        let err = read_request(&headers, byte_frames(endless))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::OutOfRange);
     }
 }
