@@ -67,12 +67,14 @@ impl LocalBlobs {
 /// "O_DIRECT").
 const DIRECT_ALIGN: usize = 4096;
 
-thread_local! {
-    /// The aligned staging buffer of one blocking thread, kept for its next object.
-    static DIRECT_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
+/// Staging buffers kept for the next `O_DIRECT` writes: as many as one push writes at once
+/// (`server::admin` has up to 4 chunk writes in flight), so memory does not grow with the
+/// number of blocking threads that ever wrote.
+const DIRECT_BUFS_KEPT: usize = 4;
+static DIRECT_BUFS: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
 
-/// Writes `data` as the new file `tmp` with `O_DIRECT`: copied into an aligned buffer, padded
+/// Writes `data` as the new file `tmp` with `O_DIRECT`: copied into an aligned buffer (one of
+/// [`DIRECT_BUFS`], or a new one), padded
 /// with zeros to a whole number of blocks, written, then cut to its length (`set_len`), so the
 /// file holds exactly `data`. `Ok(false)` when the file system refuses `O_DIRECT` (EINVAL at open,
 /// or at the first write when it needs a larger alignment); the caller then writes buffered.
@@ -90,10 +92,12 @@ fn write_direct(tmp: &Path, data: &[u8]) -> std::io::Result<bool> {
         Err(e) => return Err(e),
     };
     let padded = data.len().next_multiple_of(DIRECT_ALIGN);
-    DIRECT_BUF.with_borrow_mut(|buf| {
-        if buf.len() < padded + DIRECT_ALIGN {
-            *buf = vec![0; padded + DIRECT_ALIGN];
-        }
+    let kept = DIRECT_BUFS.lock().ok().and_then(|mut bufs| bufs.pop());
+    let mut buf = match kept {
+        Some(buf) if buf.len() >= padded + DIRECT_ALIGN => buf,
+        _ => vec![0; padded + DIRECT_ALIGN],
+    };
+    let written = (|| {
         let skew = buf.as_ptr() as usize % DIRECT_ALIGN;
         let start = (DIRECT_ALIGN - skew) % DIRECT_ALIGN;
         let block = &mut buf[start..start + padded];
@@ -111,7 +115,13 @@ fn write_direct(tmp: &Path, data: &[u8]) -> std::io::Result<bool> {
         }
         file.set_len(data.len() as u64)?;
         Ok(true)
-    })
+    })();
+    if let Ok(mut bufs) = DIRECT_BUFS.lock()
+        && bufs.len() < DIRECT_BUFS_KEPT
+    {
+        bufs.push(buf);
+    }
+    written
 }
 
 fn fsync_dir(dir: &Path) -> std::io::Result<()> {
