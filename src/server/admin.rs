@@ -67,8 +67,8 @@ struct UploadGuard {
     spare: Vec<Vec<u8>>,
 }
 
-/// Chunk writes in flight per push: writes to the page cache overlap with receiving and
-/// sealing the next chunk, and memory stays at a few chunks.
+/// Chunk writes in flight per push: writes overlap with receiving and sealing the next chunk,
+/// and memory stays at a few chunks.
 const PUTS_IN_FLIGHT: usize = 4;
 
 impl UploadGuard {

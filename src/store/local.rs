@@ -3,14 +3,15 @@
 //! not fsync: `sync_prefix` fsyncs every file of a version and its directories once, before the
 //! version's metadata commits (one batch of flushes per push instead of one per chunk).
 //!
-//! Objects are written with `O_DIRECT` where the file system allows it: the data goes from one
-//! aligned buffer per writing thread to the device without passing through the page cache. A push
-//! of a model larger than the server's memory then neither evicts everything else from the cache
-//! nor leaves gigabytes of dirty pages for the final fsync, and the vault does not copy every
-//! byte into page-cache pages (on a virtual machine, pages the guest has not touched recently
-//! cost a host fault each; docs/performance.md measures it). A file system that refuses
-//! `O_DIRECT` (tmpfs before Linux 6.6, some network and FUSE file systems) gets ordinary
-//! buffered writes.
+//! Objects are written with `O_DIRECT` where the file system allows it: the data goes through a
+//! small aligned staging buffer to the device without passing through the page cache (on file
+//! systems that honour the flag: ext4 and xfs do; tmpfs and some others accept it and cache
+//! anyway). A push of a model larger than the server's memory then neither evicts everything
+//! else from the cache nor leaves gigabytes of dirty pages for the final fsync, and the vault
+//! does not copy every byte into page-cache pages (on a virtual machine, pages the guest has not
+//! touched recently cost a host fault each; docs/performance.md measures it). A file system that
+//! refuses `O_DIRECT` (tmpfs before Linux 6.6, some network and FUSE file systems) gets ordinary
+//! buffered writes from then on.
 
 use std::io::{Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -67,17 +68,21 @@ impl LocalBlobs {
 /// "O_DIRECT").
 const DIRECT_ALIGN: usize = 4096;
 
+/// Size of an `O_DIRECT` staging buffer: objects are written through it piece by piece, so
+/// the memory a write needs does not grow with the chunk size.
+const DIRECT_PIECE: usize = 1024 * 1024;
+
 /// Staging buffers kept for the next `O_DIRECT` writes: as many as one push writes at once
-/// (`server::admin` has up to 4 chunk writes in flight), so memory does not grow with the
-/// number of blocking threads that ever wrote.
+/// (`server::admin` has up to 4 chunk writes in flight).
 const DIRECT_BUFS_KEPT: usize = 4;
 static DIRECT_BUFS: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
 
-/// Writes `data` as the new file `tmp` with `O_DIRECT`: copied into an aligned buffer (one of
-/// [`DIRECT_BUFS`], or a new one), padded
-/// with zeros to a whole number of blocks, written, then cut to its length (`set_len`), so the
-/// file holds exactly `data`. `Ok(false)` when the file system refuses `O_DIRECT` (EINVAL at open,
-/// or at the first write when it needs a larger alignment); the caller then writes buffered.
+/// Writes `data` as the new file `tmp` with `O_DIRECT`: piece by piece through an aligned
+/// staging buffer (one of [`DIRECT_BUFS`], or a new one), the last piece padded with zeros to
+/// a whole block, then the file cut to its length (`set_len`), so it holds exactly `data`.
+/// `Ok(false)` when the file system does not take `O_DIRECT` as expected (EINVAL at open or at
+/// a write, as when it needs a larger alignment, or a write that stops off a block boundary);
+/// the caller then writes the whole object again, buffered.
 fn write_direct(tmp: &Path, data: &[u8]) -> std::io::Result<bool> {
     const EINVAL: i32 = rustix::io::Errno::INVAL.raw_os_error();
     let file = match std::fs::OpenOptions::new()
@@ -91,26 +96,31 @@ fn write_direct(tmp: &Path, data: &[u8]) -> std::io::Result<bool> {
         Err(e) if e.raw_os_error() == Some(EINVAL) => return Ok(false),
         Err(e) => return Err(e),
     };
-    let padded = data.len().next_multiple_of(DIRECT_ALIGN);
-    let kept = DIRECT_BUFS.lock().ok().and_then(|mut bufs| bufs.pop());
-    let mut buf = match kept {
-        Some(buf) if buf.len() >= padded + DIRECT_ALIGN => buf,
-        _ => vec![0; padded + DIRECT_ALIGN],
-    };
+    let mut buf = DIRECT_BUFS
+        .lock()
+        .ok()
+        .and_then(|mut bufs| bufs.pop())
+        .unwrap_or_else(|| vec![0; DIRECT_PIECE + DIRECT_ALIGN]);
     let written = (|| {
         let skew = buf.as_ptr() as usize % DIRECT_ALIGN;
         let start = (DIRECT_ALIGN - skew) % DIRECT_ALIGN;
-        let block = &mut buf[start..start + padded];
-        block[..data.len()].copy_from_slice(data);
-        block[data.len()..].fill(0);
-        let mut done = 0;
-        while done < padded {
-            match file.write_at(&block[done..], done as u64) {
-                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Ok(n) => done += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) if e.raw_os_error() == Some(EINVAL) && done == 0 => return Ok(false),
-                Err(e) => return Err(e),
+        let stage = &mut buf[start..start + DIRECT_PIECE];
+        for (i, piece) in data.chunks(DIRECT_PIECE).enumerate() {
+            let offset = i * DIRECT_PIECE;
+            let padded = piece.len().next_multiple_of(DIRECT_ALIGN);
+            stage[..piece.len()].copy_from_slice(piece);
+            stage[piece.len()..padded].fill(0);
+            let mut done = 0;
+            while done < padded {
+                match file.write_at(&stage[done..padded], (offset + done) as u64) {
+                    Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                    // A write ending off a block boundary leaves the next one unaligned.
+                    Ok(n) if n % DIRECT_ALIGN != 0 => return Ok(false),
+                    Ok(n) => done += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) if e.raw_os_error() == Some(EINVAL) => return Ok(false),
+                    Err(e) => return Err(e),
+                }
             }
         }
         file.set_len(data.len() as u64)?;
@@ -299,8 +309,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let direct = LocalBlobs::open(&dir.path().join("d")).unwrap();
         let buffered = LocalBlobs::buffered(&dir.path().join("b")).unwrap();
-        // Around the block size, a whole chunk with its tag, and a smaller object after a
-        // larger one (the thread's buffer is reused: no bytes of the earlier object may follow).
+        // Around the block size and the staging piece, a whole chunk with its tag, and a smaller
+        // object after a larger one (staging buffers are reused: no bytes of an earlier object
+        // may follow).
         let sizes = [
             0usize,
             1,
@@ -308,6 +319,9 @@ mod tests {
             4096,
             4097,
             3 * 4096 + 5,
+            DIRECT_PIECE - 1,
+            DIRECT_PIECE,
+            DIRECT_PIECE + 1,
             (4 << 20) + 16,
             100,
         ];
