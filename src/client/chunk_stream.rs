@@ -26,11 +26,11 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::proto::v1::{FetchWeightsRequest, WeightChunk};
+/// The gRPC message prefix, the same on both sides.
+use crate::server::wire::PREFIX;
 
 /// The method's HTTP/2 path; the channel fills in scheme and authority.
 const PATH: &str = "/weightvault.v1.NodeService/FetchWeights";
-/// The gRPC message prefix: compressed flag (1 byte) and length (4 bytes, big-endian).
-const PREFIX: usize = 5;
 
 /// The chunks of one FetchWeights response, in the order the vault sent them.
 pub(crate) struct ChunkStream {

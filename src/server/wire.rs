@@ -99,7 +99,7 @@ pub const FETCH_PATH: &str = "/weightvault.v1.NodeService/FetchWeights";
 
 /// The gRPC message prefix: compressed flag (1 byte) and length (4 bytes, big-endian), per
 /// the gRPC over HTTP/2 protocol (grpc/grpc doc/PROTOCOL-HTTP2.md, "Length-Prefixed-Message").
-const PREFIX: usize = 5;
+pub(crate) const PREFIX: usize = 5;
 
 /// Room in front of a chunk's bytes for the message prefix and the field headers (index: key
 /// and a varint of at most 10 bytes; ciphertext: key and a length varint of at most 10 bytes).
