@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
@@ -45,15 +45,20 @@ fn seal_err(msg: impl Into<String>) -> KeyError {
 }
 
 /// One initialized context per module for the whole process: C_Initialize may run once, and
-/// finalizing while another user holds a session would break it.
-fn context(module: &Path) -> Result<Pkcs11, KeyError> {
-    static CONTEXTS: OnceLock<Mutex<HashMap<PathBuf, Pkcs11>>> = OnceLock::new();
+/// finalizing while another user holds a session would break it. With it comes the module's
+/// operation lock (see [`HsmSeal::one_at_a_time`]).
+fn context(module: &Path) -> Result<(Pkcs11, Arc<Mutex<()>>), KeyError> {
+    type Contexts = HashMap<PathBuf, (Pkcs11, Arc<Mutex<()>>)>;
+    static CONTEXTS: OnceLock<Mutex<Contexts>> = OnceLock::new();
     let mut map = CONTEXTS
         .get_or_init(|| Mutex::new(HashMap::new()))
         .lock()
         .map_err(|_| seal_err("pkcs11 context lock poisoned"))?;
-    if let Some(ctx) = map.get(module) {
-        return Ok(ctx.clone());
+    // A module reached through a symlink or another spelling of its path is the same library
+    // (one dlopen handle, one C_Initialize), so it gets the same context and lock.
+    let key = std::fs::canonicalize(module).unwrap_or_else(|_| module.to_path_buf());
+    if let Some((ctx, ops)) = map.get(&key) {
+        return Ok((ctx.clone(), ops.clone()));
     }
     if !module.is_file() {
         return Err(seal_err(format!(
@@ -76,13 +81,15 @@ fn context(module: &Path) -> Result<Pkcs11, KeyError> {
             )));
         }
     }
-    map.insert(module.to_path_buf(), ctx.clone());
-    Ok(ctx)
+    let ops = Arc::new(Mutex::new(()));
+    map.insert(key, (ctx.clone(), ops.clone()));
+    Ok((ctx, ops))
 }
 
 /// A root-key wrapper backed by an AES-256 key inside a PKCS#11 token.
 pub struct HsmSeal {
     ctx: Pkcs11,
+    ops: Arc<Mutex<()>>,
     slot: Slot,
     key_label: String,
     pin: SecretText,
@@ -92,7 +99,7 @@ pub struct HsmSeal {
 impl HsmSeal {
     /// Loads the module and finds the token. Does not log in yet.
     pub fn open(p: HsmParams) -> Result<Self, KeyError> {
-        let ctx = context(&p.module)?;
+        let (ctx, ops) = context(&p.module)?;
         let slots = ctx
             .get_slots_with_token()
             .map_err(|e| seal_err(format!("pkcs11: listing slots: {e}")))?;
@@ -126,11 +133,25 @@ impl HsmSeal {
         );
         Ok(Self {
             ctx,
+            ops,
             slot,
             key_label: p.key_label,
             pin: p.pin,
             describe,
         })
+    }
+
+    /// Held for the whole of each operation (session, login, key lookup, the mechanism),
+    /// so the process runs one HSM operation per module at a time. PKCS#11 v2.40 §5.1 lets
+    /// an application with CKF_OS_LOCKING_OK call in from many threads, but modules get it
+    /// wrong: SoftHSM's file object store fails concurrent key creation with
+    /// CKR_GENERAL_ERROR (seen here; `operations_from_many_threads_at_once_all_succeed`).
+    /// The seal calls the HSM a few times per start, rekey or migration, so nothing waits
+    /// for long.
+    fn one_at_a_time(&self) -> Result<MutexGuard<'_, ()>, KeyError> {
+        self.ops
+            .lock()
+            .map_err(|_| seal_err("pkcs11 operation lock poisoned"))
     }
 
     fn session(&self) -> Result<Session, KeyError> {
@@ -220,6 +241,7 @@ impl HsmSeal {
     /// Creates the wrapping key in the token (AES-256, sensitive, never extractable) when no key
     /// has the label. Returns whether it was created.
     pub fn ensure_key(&self) -> Result<bool, KeyError> {
+        let _one = self.one_at_a_time()?;
         let session = self.session()?;
         if self.find_key(&session)?.is_some() {
             return Ok(false);
@@ -261,6 +283,7 @@ impl RootKeyWrapper for HsmSeal {
     }
 
     fn wrap_root(&self, root: &RootKey, aad: &[u8]) -> Result<Vec<u8>, KeyError> {
+        let _one = self.one_at_a_time()?;
         let session = self.session()?;
         let key = self.key(&session)?;
         // NIST SP 800-38D §8.2.2: a fresh random 96-bit IV for every encryption under the HSM
@@ -304,6 +327,7 @@ impl RootKeyWrapper for HsmSeal {
         if wrapped.len() != 1 + IV_LEN + KEY_LEN + TAG_LEN || wrapped[0] != LAYOUT_VERSION {
             return Err(KeyError::UnwrapFailed);
         }
+        let _one = self.one_at_a_time()?;
         let session = self.session()?;
         let key = self.key(&session)?;
         let mut iv: [u8; IV_LEN] = wrapped[1..1 + IV_LEN].try_into().expect("length checked");
@@ -360,6 +384,7 @@ mod tests {
 
     /// Creates an AES key under `label` with the given attributes, outside the seal's code.
     fn make_key(hsm: &HsmSeal, label: &str, len: u64, extractable: bool, token: bool) -> Session {
+        let _one = hsm.one_at_a_time().unwrap();
         let session = hsm.session().unwrap();
         session
             .generate_key(
@@ -407,6 +432,41 @@ mod tests {
         ));
     }
 
+    /// Seals in several threads at once, each creating its own key then wrapping and unwrapping
+    /// under it. SoftHSM's file object store fails some concurrent object creations with
+    /// CKR_GENERAL_ERROR; the vault's one-operation-at-a-time lock per module keeps every call
+    /// whole.
+    #[test]
+    fn operations_from_many_threads_at_once_all_succeed() {
+        let Some(p) = softhsm() else { return };
+        let base = p.key_label.clone();
+        let module = p.module.clone();
+        let token = p.token_label.clone();
+        let pin = p.pin.expose_secret().to_string();
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let (base, module, token, pin) = (&base, &module, &token, &pin);
+                s.spawn(move || {
+                    for round in 0..6 {
+                        let hsm = HsmSeal::open(HsmParams {
+                            module: module.clone(),
+                            slot: None,
+                            token_label: token.clone(),
+                            key_label: format!("{base}-t{t}-r{round}"),
+                            pin: SecretText::new(pin.clone()),
+                        })
+                        .unwrap();
+                        assert!(hsm.ensure_key().unwrap());
+                        let root = RootKey::generate().unwrap();
+                        let wrapped = hsm.wrap_root(&root, b"aad").unwrap();
+                        let back = hsm.unwrap_root(&wrapped, b"aad").unwrap();
+                        assert_eq!(back.expose_secret(), root.expose_secret());
+                    }
+                });
+            }
+        });
+    }
+
     #[test]
     fn keys_that_could_leave_the_token_or_are_not_aes_256_are_refused() {
         let Some(p) = softhsm() else { return };
@@ -415,6 +475,7 @@ mod tests {
         let root = RootKey::generate().unwrap();
         let with_label = |label: String| HsmSeal {
             ctx: hsm.ctx.clone(),
+            ops: hsm.ops.clone(),
             slot: hsm.slot,
             key_label: label,
             pin: SecretText::new(hsm.pin.expose_secret().to_string()),
