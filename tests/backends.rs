@@ -693,15 +693,10 @@ async fn postgres_lease_has_one_holder_and_can_be_taken_over() {
     // A holder that stops renewing loses it when it expires (the database's clock).
     assert!(!s.audit_lease("b", 0).await.unwrap());
     assert!(s.audit_lease("a", 1).await.unwrap());
-    let mut taken = false;
-    for _ in 0..200 {
-        if s.audit_lease("b", 60_000).await.unwrap() {
-            taken = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    assert!(taken, "the expired lease was never taken over");
+    common::wait_until("the expired lease taken over", async || {
+        s.audit_lease("b", 60_000).await.unwrap()
+    })
+    .await;
     assert!(!s.audit_lease("a", 60_000).await.unwrap());
 }
 

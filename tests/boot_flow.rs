@@ -507,15 +507,13 @@ async fn grant_expiry_stops_a_running_stream() {
     assert!(err.message().contains("grant expired"));
     // The server recorded where it stopped.
     let mut end = None;
-    for _ in 0..100 {
+    common::wait_until("a fetch_end entry", async || {
         end = with_action(&v.audit_entries().await, "fetch_end")
             .first()
             .map(|e| (*e).clone());
-        if end.is_some() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+        end.is_some()
+    })
+    .await;
     let end = end.expect("fetch_end entry");
     assert_eq!(end["reason"], "grant expired");
     assert!(end["bytes"].as_u64().unwrap() < 40_000_000);

@@ -185,15 +185,10 @@ async fn health_says_not_serving_once_the_audit_log_fails() {
     assert_eq!(err.code(), tonic::Code::Unavailable);
     // The status follows the failure (the reporter reacts to the flag, no sleeping on a guess:
     // poll until it changes, bounded so a regression fails instead of hanging).
-    let mut seen = ServingStatus::Serving;
-    for _ in 0..100 {
-        seen = status(ch.clone(), "weightvault.v1.NodeService").await;
-        if seen == ServingStatus::NotServing {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert_eq!(seen, ServingStatus::NotServing);
+    common::wait_until("NodeService NOT_SERVING", async || {
+        status(ch.clone(), "weightvault.v1.NodeService").await == ServingStatus::NotServing
+    })
+    .await;
     let ops = running.ops_addr.unwrap();
     assert!(
         http_get(ops, "/metrics")

@@ -115,27 +115,15 @@ async fn interrupted_push_leaves_nothing_and_the_vault_keeps_serving() {
             .unwrap();
     }
     // Wait until the vault has stored some chunks of the upload.
-    for _ in 0..200 {
-        if blob_versions(&data) > 0 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    common::wait_until("chunks being stored", async || blob_versions(&data) > 0).await;
     assert_eq!(blob_versions(&data), 1, "chunks were being stored");
     // The client dies: its connection goes away without `finish`.
     call.abort();
     drop(tx);
-    for _ in 0..300 {
-        if blob_versions(&data) == 0 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    assert_eq!(
-        blob_versions(&data),
-        0,
-        "blobs of the aborted upload are removed"
-    );
+    common::wait_until("blobs of the aborted upload removed", async || {
+        blob_versions(&data) == 0
+    })
+    .await;
     assert!(
         v.admin().await.list().await.unwrap().is_empty(),
         "no version is visible"
@@ -293,13 +281,10 @@ async fn push_refuses_bad_uploads_before_committing() {
         );
     }
     assert!(v.admin().await.list().await.unwrap().is_empty());
-    for _ in 0..100 {
-        if blob_versions(&data) == 0 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    assert_eq!(blob_versions(&data), 0);
+    common::wait_until("blobs of refused uploads removed", async || {
+        blob_versions(&data) == 0
+    })
+    .await;
 }
 
 #[tokio::test]

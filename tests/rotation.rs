@@ -39,14 +39,15 @@ async fn push_versions(
 /// Polls the status until `done` holds (bounded: a rotation of four DEKs takes milliseconds).
 async fn wait_for(v: &Vault, done: impl Fn(&KeyStatus) -> bool) -> KeyStatus {
     let mut admin = v.admin().await;
-    for _ in 0..500 {
+    let mut last = None;
+    common::wait_until("the expected key status", async || {
         let s = admin.key_status().await.unwrap();
-        if done(&s) {
-            return s;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    panic!("key status never reached the expected state");
+        let ok = done(&s);
+        last = Some(s);
+        ok
+    })
+    .await;
+    last.expect("polled at least once")
 }
 
 async fn fetch_all(

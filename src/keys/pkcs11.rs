@@ -100,6 +100,9 @@ impl HsmSeal {
     /// Loads the module and finds the token. Does not log in yet.
     pub fn open(p: HsmParams) -> Result<Self, KeyError> {
         let (ctx, ops) = context(&p.module)?;
+        let one = ops
+            .lock()
+            .map_err(|_| seal_err("pkcs11 operation lock poisoned"))?;
         let slots = ctx
             .get_slots_with_token()
             .map_err(|e| seal_err(format!("pkcs11: listing slots: {e}")))?;
@@ -125,6 +128,7 @@ impl HsmSeal {
                 })?,
             (None, None) => return Err(seal_err("pkcs11: set seal.slot or seal.token_label")),
         };
+        drop(one);
         let describe = format!(
             "pkcs11 {} slot {} key {:?}",
             p.module.display(),
@@ -489,13 +493,16 @@ mod tests {
         for (what, len, extractable, token, expect) in cases {
             let label = format!("{base}-{what}");
             // The session stays open so that a session object stays visible.
-            let _keep = make_key(&hsm, &label, len, extractable, token);
+            let keep = make_key(&hsm, &label, len, extractable, token);
             let seal = with_label(label);
             let e = seal.wrap_root(&root, b"aad").expect_err(what).to_string();
             assert!(e.contains(expect), "{what}: {e}");
             // ensure_key does not paper over it by creating a second key either.
             let e = seal.ensure_key().expect_err(what).to_string();
             assert!(e.contains(expect), "{what}: {e}");
+            // Closing the session destroys its objects: one HSM operation at a time, too.
+            let _one = hsm.one_at_a_time().unwrap();
+            drop(keep);
         }
     }
 }

@@ -269,6 +269,19 @@ pub fn assert_same_tree(a: &Path, b: &Path) {
     assert_eq!(list(a), list(b));
 }
 
+/// Polls `cond` every 20 ms until it holds; panics naming `what` after 30 s. A guard against
+/// hanging, not a timing assertion: background work on a loaded 2-core machine can take seconds.
+pub async fn wait_until(what: &str, mut cond: impl AsyncFnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !cond().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within 30 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// The entries with a given action.
 pub fn with_action<'a>(
     entries: &'a [serde_json::Value],
