@@ -225,3 +225,83 @@ async fn rm_can_require_approvals() {
     assert!(with_action(&entries, "model_rm").is_empty());
     assert_eq!(with_action(&entries, "propose").len(), 1);
 }
+
+/// A stream whose grant check passed just before `model rm` revoked the grant, and whose next
+/// blob read finds the blobs gone, ends as the revocation it met ("grant revoked",
+/// PERMISSION_DENIED), not as a store fault. The race is made deterministic: the store answers
+/// the vault's first grant reads as they were before the revocation, and the blobs are
+/// removed by hand. A missing blob under a live grant stays an internal error.
+#[tokio::test]
+async fn a_blob_gone_after_the_grant_check_reports_the_revocation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (wrap, slot) = common::faulty_wrapper();
+    let v = Vault::start_wrapped(&tmp.path().join("data"), wrap).await;
+    let faulty = slot.get().unwrap().clone();
+    assert_eq!(v.push_dir("m", &model_dir(tmp.path())).await, 1);
+    let mut admin = v.admin().await;
+    admin.allow("m", "sim", MEASUREMENT).await.unwrap();
+    let vid = version_id(&v, "m", 1).await;
+
+    let mut raw = common::raw(&v).await;
+    let keys = NodeKeyPair::generate().unwrap();
+    let token = common::attest(&mut raw, &v.attester(MEASUREMENT), &keys)
+        .await
+        .unwrap();
+    let g = common::grant(&mut raw, &token, "m", 1).await.unwrap();
+    let request = || FetchWeightsRequest {
+        session_token: token.clone(),
+        grant_id: g.grant_id.clone(),
+        file: "model-00001.safetensors".into(),
+        first_chunk: 0,
+        end_chunk: 0,
+    };
+    std::fs::remove_dir_all(blob_dir(&v, &vid)).unwrap();
+
+    // Live grant, blobs gone: a store fault.
+    let err = first_error(&mut raw, request()).await;
+    assert_eq!(err.code(), tonic::Code::Internal, "{err:?}");
+
+    // Revoked grant, read stale twice (the start check and the first chunk's check): the
+    // blob read fails, and the grant as it is now names the reason.
+    admin
+        .revoke(
+            weightvault::proto::v1::revoke_request::Target::GrantId(g.grant_id.clone()),
+            "test",
+        )
+        .await
+        .unwrap();
+    faulty
+        .stale_grant_reads
+        .store(2, std::sync::atomic::Ordering::SeqCst);
+    let err = first_error(&mut raw, request()).await;
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(err.message().starts_with("grant revoked"), "{err:?}");
+    assert_eq!(
+        faulty
+            .stale_grant_reads
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+    let ends = with_action(&v.audit_entries().await, "fetch_end")
+        .into_iter()
+        .map(|e| e["reason"].as_str().unwrap().to_string())
+        .collect::<Vec<_>>();
+    assert_eq!(ends, ["chunk unreadable", "grant revoked"]);
+}
+
+/// The status a FetchWeights call ends with before any chunk, whether the vault refused it at
+/// once or after starting the response.
+async fn first_error(
+    raw: &mut weightvault::proto::v1::node_service_client::NodeServiceClient<
+        tonic::transport::Channel,
+    >,
+    req: FetchWeightsRequest,
+) -> tonic::Status {
+    match raw.fetch_weights(req).await {
+        Err(e) => e,
+        Ok(r) => match r.into_inner().message().await {
+            Err(e) => e,
+            Ok(m) => panic!("a chunk or the end came instead of an error: {m:?}"),
+        },
+    }
+}

@@ -532,8 +532,27 @@ impl NodeApi {
                 {
                     Ok(d) => d,
                     Err(e) => {
-                        outcome = "chunk unreadable".into();
-                        final_error = Some(internal(&rid, "reading chunk", e).into_status(&rid));
+                        // `model rm` revokes the version's grants, then deletes its blobs: a
+                        // blob gone between the check above and this read is that, not a
+                        // store fault. The grant as it is now says which.
+                        let denied = match vault.store.get_grant(&grant.grant_id).await {
+                            Ok(Some(g)) => check_live(&g, vault.now()).err(),
+                            Ok(None) => {
+                                Some(ApiError::PermissionDenied("grant no longer exists".into()))
+                            }
+                            Err(_) => None,
+                        };
+                        let e = match denied {
+                            Some(denied) => {
+                                outcome = denied.reason().to_string();
+                                denied
+                            }
+                            None => {
+                                outcome = "chunk unreadable".into();
+                                internal(&rid, "reading chunk", e)
+                            }
+                        };
+                        final_error = Some(e.into_status(&rid));
                         break;
                     }
                 };

@@ -19,6 +19,9 @@ pub struct FaultyStore {
     /// How many more `rewrap_dek` calls succeed; after that they fail (a KEK rotation that
     /// stops half way, as a crash would leave it). `u64::MAX` = never fail.
     pub rewraps_left: AtomicU64,
+    /// How many of the next `get_grant` calls answer as if no revocation had committed yet (a
+    /// read that raced one): the grant comes back with `revoked` false.
+    pub stale_grant_reads: AtomicU64,
 }
 
 impl FaultyStore {
@@ -27,6 +30,7 @@ impl FaultyStore {
             inner,
             fail_audit: AtomicBool::new(false),
             rewraps_left: AtomicU64::new(u64::MAX),
+            stale_grant_reads: AtomicU64::new(0),
         }
     }
 }
@@ -224,7 +228,15 @@ impl MetadataStore for FaultyStore {
     }
 
     async fn get_grant(&self, grant_id: &str) -> Result<Option<GrantRecord>, StoreError> {
-        self.inner.get_grant(grant_id).await
+        let stale = self
+            .stale_grant_reads
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        let mut grant = self.inner.get_grant(grant_id).await?;
+        if stale && let Some(g) = grant.as_mut() {
+            g.revoked = false;
+        }
+        Ok(grant)
     }
 
     fn revocation_epoch(&self) -> Option<u64> {
