@@ -11,16 +11,24 @@ if ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
 fi
 wv_s3_dir=$(mktemp -d)
 python3 -m venv "$wv_s3_dir/venv"
-"$wv_s3_dir/venv/bin/pip" install -q "moto[server]"
+# Pinned: the version the suite was last run against (a new release can change S3 semantics).
+"$wv_s3_dir/venv/bin/pip" install -q "moto[server]==5.2.1"
 "$wv_s3_dir/venv/bin/moto_server" -H 127.0.0.1 -p "$wv_s3_port" >"$wv_s3_dir/moto.log" 2>&1 &
 wv_s3_pid=$!
 CLEANUPS+=("kill $wv_s3_pid; rm -rf '$wv_s3_dir'")
-for _ in $(seq 1 100); do
+wv_s3_ready=
+for _ in $(seq 1 300); do
   if "$wv_s3_dir/venv/bin/python" -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$wv_s3_port/')" 2>/dev/null; then
+    wv_s3_ready=1
     break
   fi
   sleep 0.2
 done
+if [ -z "$wv_s3_ready" ]; then
+  echo "s3: moto did not answer on 127.0.0.1:$wv_s3_port within 60 s; its log:" >&2
+  tail -n 20 "$wv_s3_dir/moto.log" >&2 || true
+  return 1
+fi
 # boto3 comes with moto; any key is accepted by moto.
 "$wv_s3_dir/venv/bin/python" - "$wv_s3_port" "$wv_s3_bucket" <<'PY'
 import sys, boto3
