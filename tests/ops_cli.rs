@@ -33,6 +33,23 @@ fn config_check_reports_every_problem_before_anything_starts() {
     let (code, out) = check(&path, &[]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains(": OK") && out.contains("tees"), "{out}");
+    assert!(
+        out.contains("call limit   50/s per address, burst 500"),
+        "{out}"
+    );
+    // A call limit with no burst is refused; a rate of 0 turns the limit off.
+    let (code, out) = check(&path, &[("WEIGHTVAULT_LIMITS__PEER_BURST", "0")]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("limits.peer_burst: 0 is outside"), "{out}");
+    let (code, out) = check(
+        &path,
+        &[
+            ("WEIGHTVAULT_LIMITS__PEER_BURST", "0"),
+            ("WEIGHTVAULT_LIMITS__PEER_CALLS_PER_SEC", "0"),
+        ],
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("call limit   off"), "{out}");
 
     // An override with a bad value, and one naming a key that does not exist.
     let (code, out) = check(&path, &[("WEIGHTVAULT_STORAGE__CHUNK_SIZE", "12")]);

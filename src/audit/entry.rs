@@ -26,6 +26,9 @@ pub enum Action {
     Revoke,
     /// An egress budget stopped a fetch (an alert for operators).
     BudgetExceeded,
+    /// Calls from one client address over its call limit were refused (at most one entry per
+    /// address per minute, with the count).
+    RateLimited,
     /// A call refused for its client certificate or role.
     AuthDenied,
     /// A sensitive change was proposed, approved or rejected (M-of-N).

@@ -64,5 +64,12 @@ fn check(file: &std::path::Path) -> anyhow::Result<ExitCode> {
         .unwrap_or_default();
     tees.sort_unstable();
     println!("  tees         [{}]", tees.join(", "));
+    match cfg.limits.peer_calls_per_sec {
+        0 => println!("  call limit   off"),
+        rate => println!(
+            "  call limit   {rate}/s per address, burst {} (calls without a live nonce, session or grant)",
+            cfg.limits.peer_burst
+        ),
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -34,6 +34,8 @@ use crate::time::{Clock, SystemClock};
 pub const DEFAULT_PARALLEL: usize = 4;
 /// A file is split into ranges for parallel streams only in pieces of at least this many chunks.
 const MIN_RANGE_CHUNKS: u64 = 4;
+/// Retries of the attestation step after the vault's call limit refused it.
+const LIMIT_RETRIES: u32 = 5;
 
 /// Produces evidence inside the TEE for the given report data.
 pub trait Attester: Send + Sync {
@@ -345,15 +347,43 @@ impl NodeClient {
         granted.fetch(opts, sink, progress).await
     }
 
-    /// Challenge, evidence, attestation and grant; checks the signed manifest and the grant and
-    /// opens the DEK (docs/protocol.md §6, steps 1-5). The DEK is dropped once the per-file keys
-    /// are derived.
-    pub async fn grant(
+    /// Challenge, evidence and attestation. Nodes behind one address that boot together can
+    /// meet the vault's per-address call limit (RESOURCE_EXHAUSTED, docs/access-control.md):
+    /// then the whole step is retried, with a fresh challenge and evidence, after 0.2, 0.4,
+    /// 0.8, 1.6 and 3.2 s (each plus up to half again at random, so that nodes refused
+    /// together do not come back together), before the refusal is returned.
+    async fn attest(
         &mut self,
-        model: &str,
-        opts: &FetchOptions,
         attester: &dyn Attester,
-    ) -> Result<Granted, ClientError> {
+    ) -> Result<(NodeKeyPair, crate::proto::v1::AttestResponse), ClientError> {
+        let mut attempt = 0u32;
+        loop {
+            match self.attest_once(attester).await {
+                Err(ClientError::Status(s))
+                    if s.code() == tonic::Code::ResourceExhausted && attempt < LIMIT_RETRIES =>
+                {
+                    let base = 200u64 << attempt;
+                    let jitter = crate::grant::random::<2>()
+                        .map(|r| u64::from(u16::from_le_bytes(r)) % (base / 2))
+                        .unwrap_or(0);
+                    let wait = Duration::from_millis(base + jitter);
+                    tracing::warn!(
+                        wait_ms = wait.as_millis() as u64,
+                        "the vault's call limit refused the attestation ({}); retrying",
+                        s.message()
+                    );
+                    tokio::time::sleep(wait).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn attest_once(
+        &mut self,
+        attester: &dyn Attester,
+    ) -> Result<(NodeKeyPair, crate::proto::v1::AttestResponse), ClientError> {
         let challenge = self
             .inner
             .get_challenge(GetChallengeRequest {})
@@ -376,6 +406,19 @@ impl NodeClient {
             })
             .await?
             .into_inner();
+        Ok((keys, session))
+    }
+
+    /// Challenge, evidence, attestation and grant; checks the signed manifest and the grant and
+    /// opens the DEK (docs/protocol.md §6, steps 1-5). The DEK is dropped once the per-file keys
+    /// are derived.
+    pub async fn grant(
+        &mut self,
+        model: &str,
+        opts: &FetchOptions,
+        attester: &dyn Attester,
+    ) -> Result<Granted, ClientError> {
+        let (keys, session) = self.attest(attester).await?;
         let grant = self
             .inner
             .request_grant(RequestGrantRequest {

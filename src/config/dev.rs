@@ -194,6 +194,7 @@ fn generate(dir: &Path, config_out: &Path) -> Result<(), String> {
         storage: StorageConfig::default(),
         audit: AuditConfig::default(),
         budgets: Default::default(),
+        limits: Default::default(),
         approvals: Default::default(),
         ops: Default::default(),
     };

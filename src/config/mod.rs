@@ -35,6 +35,8 @@ pub struct Config {
     #[serde(default)]
     pub budgets: BudgetsConfig,
     #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
     pub approvals: ApprovalsConfig,
     #[serde(default)]
     pub ops: OpsConfig,
@@ -112,6 +114,37 @@ pub struct BudgetsConfig {
     pub model_bytes_per_window: u64,
     #[serde(default = "default_window")]
     pub window_secs: u64,
+}
+
+/// Limits on the node-service calls that present no live credential (`GetChallenge`; `Attest`,
+/// `RequestGrant` and `FetchWeights` whose nonce, session or grant is not live), per client
+/// address: an IPv4 address, or the /64 prefix of an IPv6 one (docs/access-control.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Calls per second one address may make on average; 0 = no limit.
+    #[serde(default = "default_peer_rate")]
+    pub peer_calls_per_sec: u32,
+    /// Calls one address may make at once before the rate applies.
+    #[serde(default = "default_peer_burst")]
+    pub peer_burst: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            peer_calls_per_sec: default_peer_rate(),
+            peer_burst: default_peer_burst(),
+        }
+    }
+}
+
+fn default_peer_rate() -> u32 {
+    50
+}
+
+fn default_peer_burst() -> u32 {
+    500
 }
 
 impl Default for BudgetsConfig {
@@ -679,6 +712,19 @@ impl Config {
             p.push(format!(
                 "budgets.window_secs: {} is outside 1..=2592000",
                 self.budgets.window_secs
+            ));
+        }
+        let l = &self.limits;
+        if l.peer_calls_per_sec > 1_000_000 {
+            p.push(format!(
+                "limits.peer_calls_per_sec: {} is above 1000000",
+                l.peer_calls_per_sec
+            ));
+        }
+        if l.peer_calls_per_sec > 0 && !(1..=1_000_000).contains(&l.peer_burst) {
+            p.push(format!(
+                "limits.peer_burst: {} is outside 1..=1000000 (set limits.peer_calls_per_sec = 0 to turn the limit off)",
+                l.peer_burst
             ));
         }
         if !(1..=86_400).contains(&self.audit.heartbeat_secs) {

@@ -20,6 +20,7 @@ pub const LIVE_STREAMS: &str = "weightvault_live_streams";
 pub const AUDIT_APPEND_SECONDS: &str = "weightvault_audit_append_seconds";
 pub const AUDIT_TREE_SIZE: &str = "weightvault_audit_tree_size";
 pub const BUDGET_REFUSALS: &str = "weightvault_budget_refusals_total";
+pub const RATE_LIMITED: &str = "weightvault_rate_limited_total";
 pub const SERVING: &str = "weightvault_serving";
 
 /// Latency buckets in seconds: from a cached-chain SNP check (~0.3 ms) to a slow DCAP quote.
@@ -73,6 +74,10 @@ fn describe() {
         BUDGET_REFUSALS,
         "Streams refused or stopped by an egress budget, by scope"
     );
+    metrics::describe_counter!(
+        RATE_LIMITED,
+        "GetChallenge and Attest calls refused by the per-address call limit, by RPC"
+    );
 }
 
 pub fn grant_issued() {
@@ -99,6 +104,11 @@ pub fn audit_appended(took: Duration) {
 
 pub fn audit_tree_size(n: u64) {
     metrics::gauge!(AUDIT_TREE_SIZE).set(n as f64);
+}
+
+/// `rpc` is "GetChallenge" or "Attest".
+pub fn rate_limited(rpc: &'static str) {
+    metrics::counter!(RATE_LIMITED, "rpc" => rpc).increment(1);
 }
 
 /// `scope` is "grant", "node" or "model".
@@ -209,6 +219,7 @@ mod tests {
         attestation_verified("snp", Duration::from_millis(2));
         bytes_served(4096);
         budget_refused("node");
+        rate_limited("GetChallenge");
         let live = LiveStream::start();
         let text = render();
         assert!(
@@ -221,6 +232,7 @@ mod tests {
         ));
         assert!(text.contains("weightvault_attestation_verify_seconds_bucket{tee=\"snp\""));
         assert!(text.contains("weightvault_budget_refusals_total{scope=\"node\"}"));
+        assert!(text.contains("weightvault_rate_limited_total{rpc=\"GetChallenge\"}"));
         assert!(text.contains("weightvault_live_streams"));
         drop(live);
     }

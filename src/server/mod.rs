@@ -8,6 +8,7 @@ pub mod auth;
 pub mod budget;
 pub mod error;
 pub mod health;
+pub mod limit;
 pub mod metrics;
 pub mod node;
 pub mod operator;
@@ -78,6 +79,8 @@ pub struct Vault {
     pub grant_ttl_ms: u64,
     pub chunk_size: u32,
     pub budgets: budget::Budgets,
+    /// Call limits per client address for GetChallenge and Attest.
+    pub peer_limits: limit::PeerLimiter,
     pub approvals: crate::config::ApprovalsConfig,
     /// Cancelled when the server shuts down; endless streams (audit tail) end on it.
     pub shutdown: CancellationToken,
@@ -646,6 +649,7 @@ pub(crate) async fn unlock(
         shutdown: shutdown.clone(),
         serving: serving.clone(),
         budgets: budget::Budgets::new(cfg.budgets.clone()),
+        peer_limits: limit::PeerLimiter::new(&cfg.limits),
         approvals: cfg.approvals.clone(),
         stream_slots: Arc::new(tokio::sync::Semaphore::new(node::stream_slots(
             cfg.storage.chunk_size,

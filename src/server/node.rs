@@ -50,6 +50,37 @@ fn fixed<const N: usize>(bytes: &[u8], what: &str) -> Result<[u8; N], ApiError> 
 }
 
 impl NodeApi {
+    /// The per-address call limit of the calls anyone can make (`server::limit`). A refusal is
+    /// RESOURCE_EXHAUSTED and changes nothing; it is counted, and recorded at most once a
+    /// minute per address.
+    async fn limit_calls(
+        &self,
+        rid: &str,
+        rpc: &'static str,
+        peer: Option<std::net::SocketAddr>,
+    ) -> Result<(), ApiError> {
+        let v = &self.vault;
+        let key = crate::server::limit::PeerKey::of(peer);
+        let crate::server::limit::Verdict::Refuse {
+            retry_after_ms,
+            report,
+        } = v.peer_limits.check(key, v.now())
+        else {
+            return Ok(());
+        };
+        crate::server::metrics::rate_limited(rpc);
+        if let Some(refused) = report {
+            let mut entry = v.entry(Action::RateLimited, Decision::Deny, anonymous());
+            entry.reason = Some(format!(
+                "{refused} call(s) without a live nonce, session or grant from {key} refused over the call limit since the last such entry"
+            ));
+            v.record(rid, entry).await?;
+        }
+        Err(ApiError::ResourceExhausted(format!(
+            "too many calls from this address; retry in {retry_after_ms} ms"
+        )))
+    }
+
     async fn get_challenge(&self, rid: &str) -> Result<GetChallengeResponse, ApiError> {
         let v = &self.vault;
         let nonce = grant::random::<NONCE_LEN>().map_err(|e| internal(rid, "rng", e))?;
@@ -66,7 +97,15 @@ impl NodeApi {
         })
     }
 
-    async fn attest(&self, rid: &str, req: AttestRequest) -> Result<AttestResponse, ApiError> {
+    /// `peer`: the caller's address, for the call limit. An Attest that names a live challenge
+    /// is not charged (its GetChallenge was, and the nonce is single use); one whose nonce is
+    /// malformed, unknown or used is charged before its refusal is recorded.
+    async fn attest(
+        &self,
+        rid: &str,
+        req: AttestRequest,
+        peer: Option<std::net::SocketAddr>,
+    ) -> Result<AttestResponse, ApiError> {
         let v = &self.vault;
         let mut deny = v.entry(Action::Attest, Decision::Deny, anonymous());
         deny.tee = Some(req.tee.chars().take(32).collect());
@@ -78,7 +117,10 @@ impl NodeApi {
 
         let nonce = match fixed::<NONCE_LEN>(&req.nonce, "nonce") {
             Ok(n) => n,
-            Err(e) => return refuse(deny, e.reason().to_string(), e).await,
+            Err(e) => {
+                self.limit_calls(rid, "Attest", peer).await?;
+                return refuse(deny, e.reason().to_string(), e).await;
+            }
         };
         deny.nonce = Some(hex::encode(nonce));
         // Single use (docs/protocol.md, GetChallenge): the nonce is consumed by any attempt, good or bad.
@@ -90,6 +132,7 @@ impl NodeApi {
         let now = v.now();
         match expires {
             None => {
+                self.limit_calls(rid, "Attest", peer).await?;
                 return refuse(
                     deny,
                     "unknown or already used nonce".into(),
@@ -214,15 +257,21 @@ impl NodeApi {
             .ok_or_else(expired)
     }
 
+    /// `peer`: the caller's address; a call whose session is unknown or expired is charged to
+    /// its call limit before the refusal is recorded.
     async fn request_grant(
         &self,
         rid: &str,
         req: RequestGrantRequest,
+        peer: Option<std::net::SocketAddr>,
     ) -> Result<RequestGrantResponse, ApiError> {
         let v = &self.vault;
         let session = match self.session(rid, &req.session_token).await {
             Ok(s) => s,
             Err(e) => {
+                if matches!(e, ApiError::Unauthenticated(_)) {
+                    self.limit_calls(rid, "RequestGrant", peer).await?;
+                }
                 let mut deny = v.entry(Action::Grant, Decision::Deny, anonymous());
                 deny.model = Some(req.model.chars().take(128).collect());
                 deny.reason = Some(e.reason().to_string());
@@ -392,10 +441,14 @@ impl NodeApi {
         Ok(grant)
     }
 
-    async fn fetch(
+    /// `peer`: the caller's address; a call whose grant is not usable by it (unknown, another
+    /// session's, expired or revoked) is charged to its call limit before the refusal is
+    /// recorded.
+    pub(crate) async fn fetch(
         &self,
         rid: &str,
         req: FetchWeightsRequest,
+        peer: Option<std::net::SocketAddr>,
     ) -> Result<mpsc::Receiver<Result<ServedChunk, Status>>, ApiError> {
         let v = &self.vault;
         let mut entry = v.entry(
@@ -405,10 +458,12 @@ impl NodeApi {
         );
         entry.grant_id = Some(req.grant_id.chars().take(64).collect());
         entry.file = Some(req.file.chars().take(256).collect());
+        let mut unusable_grant = false;
         let checked = async {
             let grant = self
                 .usable_grant(rid, &req.session_token, &req.grant_id)
-                .await?;
+                .await
+                .inspect_err(|e| unusable_grant = !matches!(e, ApiError::Internal))?;
             let version = v
                 .store
                 .get_version(&grant.model, Some(grant.version))
@@ -459,6 +514,9 @@ impl NodeApi {
         let (grant, version_id, file, end, grant_limit, chunk_size) = match checked {
             Ok(x) => x,
             Err(e) => {
+                if unusable_grant {
+                    self.limit_calls(rid, "FetchWeights", peer).await?;
+                }
                 entry.reason = Some(e.reason().to_string());
                 v.record(rid, entry).await?;
                 return Err(e);
@@ -708,9 +766,12 @@ fn check_live(grant: &GrantRecord, now: u64) -> Result<(), ApiError> {
 impl NodeService for NodeApi {
     async fn get_challenge(
         &self,
-        _req: Request<GetChallengeRequest>,
+        req: Request<GetChallengeRequest>,
     ) -> Result<Response<GetChallengeResponse>, Status> {
         let rid = request_id();
+        self.limit_calls(&rid, "GetChallenge", req.remote_addr())
+            .await
+            .map_err(|e| e.into_status(&rid))?;
         self.get_challenge(&rid)
             .await
             .map(Response::new)
@@ -722,7 +783,8 @@ impl NodeService for NodeApi {
         req: Request<AttestRequest>,
     ) -> Result<Response<AttestResponse>, Status> {
         let rid = request_id();
-        self.attest(&rid, req.into_inner())
+        let peer = req.remote_addr();
+        self.attest(&rid, req.into_inner(), peer)
             .await
             .map(Response::new)
             .map_err(|e| {
@@ -736,7 +798,8 @@ impl NodeService for NodeApi {
         req: Request<RequestGrantRequest>,
     ) -> Result<Response<RequestGrantResponse>, Status> {
         let rid = request_id();
-        match self.request_grant(&rid, req.into_inner()).await {
+        let peer = req.remote_addr();
+        match self.request_grant(&rid, req.into_inner(), peer).await {
             Ok(r) => {
                 crate::server::metrics::grant_issued();
                 Ok(Response::new(r))
@@ -772,6 +835,15 @@ impl NamedService for NodeServer {
     const NAME: &'static str = <NodeServiceServer<NodeApi> as NamedService>::NAME;
 }
 
+/// The client's address as tonic's transport records it (what `Request::remote_addr` reads).
+fn peer_addr<B>(req: &http::Request<B>) -> Option<std::net::SocketAddr> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    let ext = req.extensions();
+    ext.get::<TlsConnectInfo<TcpConnectInfo>>()
+        .and_then(|i| i.get_ref().remote_addr())
+        .or_else(|| ext.get::<TcpConnectInfo>().and_then(|i| i.remote_addr()))
+}
+
 impl Service<http::Request<tonic::body::Body>> for NodeServer {
     type Response = http::Response<tonic::body::Body>;
     type Error = Infallible;
@@ -786,10 +858,11 @@ impl Service<http::Request<tonic::body::Body>> for NodeServer {
             return self.unary.call(req);
         }
         let api = self.api.clone();
+        let peer = peer_addr(&req);
         Box::pin(async move {
             Ok(wire::serve_fetch(req, MAX_MESSAGE, |message| async move {
                 let rid = request_id();
-                api.fetch(&rid, message)
+                api.fetch(&rid, message, peer)
                     .await
                     .map_err(|e| e.into_status(&rid))
             })
