@@ -36,6 +36,8 @@ pub const DEFAULT_PARALLEL: usize = 4;
 const MIN_RANGE_CHUNKS: u64 = 4;
 /// Retries of the attestation step after the vault's call limit refused it.
 const LIMIT_RETRIES: u32 = 5;
+/// The longest a retry waits for the vault's `retry-after-ms` hint.
+const MAX_LIMIT_WAIT_MS: u64 = 10_000;
 
 /// Produces evidence inside the TEE for the given report data.
 pub trait Attester: Send + Sync {
@@ -350,8 +352,9 @@ impl NodeClient {
     /// Challenge, evidence and attestation. Nodes behind one address that boot together can
     /// meet the vault's per-address call limit (RESOURCE_EXHAUSTED, docs/access-control.md):
     /// then the whole step is retried, with a fresh challenge and evidence, after 0.2, 0.4,
-    /// 0.8, 1.6 and 3.2 s (each plus up to half again at random, so that nodes refused
-    /// together do not come back together), before the refusal is returned.
+    /// 0.8, 1.6 and 3.2 s or the vault's `retry-after-ms` hint if longer (at most 10 s), each
+    /// plus up to half again at random so that nodes refused together do not come back
+    /// together, before the refusal is returned.
     async fn attest(
         &mut self,
         attester: &dyn Attester,
@@ -362,7 +365,14 @@ impl NodeClient {
                 Err(ClientError::Status(s))
                     if s.code() == tonic::Code::ResourceExhausted && attempt < LIMIT_RETRIES =>
                 {
-                    let base = 200u64 << attempt;
+                    // The vault says when the address has a call again; wait at least that.
+                    let hint = s
+                        .metadata()
+                        .get(crate::server::error::RETRY_AFTER_HEADER)
+                        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                        .unwrap_or(0)
+                        .min(MAX_LIMIT_WAIT_MS);
+                    let base = (200u64 << attempt).max(hint);
                     let jitter = crate::grant::random::<2>()
                         .map(|r| u64::from(u16::from_le_bytes(r)) % (base / 2))
                         .unwrap_or(0);

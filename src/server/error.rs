@@ -6,6 +6,8 @@ use tonic::{Code, Status};
 
 /// Metadata key carrying the request id on every response.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
+/// Metadata of a call-limit refusal: milliseconds until the address has a call again.
+pub const RETRY_AFTER_HEADER: &str = "retry-after-ms";
 
 /// A client-facing failure. The strings are short reasons written by this crate, never
 /// `Display` of an inner error.
@@ -18,8 +20,14 @@ pub enum ApiError {
     OutOfRange(String),
     /// The call is valid but the object is not in a state that allows it.
     FailedPrecondition(String),
-    /// An egress budget is used up.
+    /// An egress budget is used up (or, in a proto-level check, a resource limit).
     ResourceExhausted(String),
+    /// The caller's address is over its call limit (`server::limit`); sent as
+    /// RESOURCE_EXHAUSTED with the wait in the [`RETRY_AFTER_HEADER`] metadata.
+    RateLimited {
+        reason: String,
+        retry_after_ms: u64,
+    },
     /// The audit log cannot write: the vault refuses access (fail closed).
     AuditUnavailable,
     /// Something failed inside the vault; the detail was logged.
@@ -34,7 +42,9 @@ impl ApiError {
             ApiError::InvalidArgument(_) => Code::InvalidArgument,
             ApiError::NotFound(_) => Code::NotFound,
             ApiError::OutOfRange(_) => Code::OutOfRange,
-            ApiError::ResourceExhausted(_) => Code::ResourceExhausted,
+            ApiError::ResourceExhausted(_) | ApiError::RateLimited { .. } => {
+                Code::ResourceExhausted
+            }
             ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
             ApiError::AuditUnavailable => Code::Unavailable,
             ApiError::Internal => Code::Internal,
@@ -50,7 +60,7 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::OutOfRange(_) => "out_of_range",
             ApiError::FailedPrecondition(_) => "failed_precondition",
-            ApiError::ResourceExhausted(_) => "resource_exhausted",
+            ApiError::ResourceExhausted(_) | ApiError::RateLimited { .. } => "resource_exhausted",
             ApiError::AuditUnavailable => "audit_unavailable",
             ApiError::Internal => "internal",
         }
@@ -64,7 +74,8 @@ impl ApiError {
             | ApiError::NotFound(r)
             | ApiError::OutOfRange(r)
             | ApiError::ResourceExhausted(r)
-            | ApiError::FailedPrecondition(r) => r,
+            | ApiError::FailedPrecondition(r)
+            | ApiError::RateLimited { reason: r, .. } => r,
             ApiError::AuditUnavailable => "audit log unavailable; access refused",
             ApiError::Internal => "internal error",
         }
@@ -78,6 +89,11 @@ impl ApiError {
         );
         if let Ok(v) = request_id.parse() {
             status.metadata_mut().insert(REQUEST_ID_HEADER, v);
+        }
+        if let ApiError::RateLimited { retry_after_ms, .. } = self {
+            status
+                .metadata_mut()
+                .insert(RETRY_AFTER_HEADER, retry_after_ms.into());
         }
         status
     }

@@ -1,8 +1,9 @@
-//! Call limits per client address for the node-service calls that present no live credential
-//! (docs/access-control.md#call-limits): `GetChallenge`, and `Attest`, `RequestGrant` and
-//! `FetchWeights` whose nonce, session or grant is not live. (A call presenting a live one is
-//! bounded by the `GetChallenge` it descends from, since nonces are single use.) Each of those
-//! calls writes an fsynced audit entry, so without a limit one host could grow the log, and the disk
+//! Call limits per client address (docs/access-control.md#call-limits). Charged: every
+//! `GetChallenge`, and every refusal that writes an entry of its own (`Attest` with a
+//! malformed, unknown or used nonce, any refused `RequestGrant` or `FetchWeights`, any call
+//! refused for its certificate or role). An `Attest` with a live nonce is not charged: the
+//! `GetChallenge` that issued it was, and nonces are single use. Each of those calls writes an
+//! fsynced audit entry, so without a limit one host could grow the log, and the disk
 //! under it, as fast as it can send. A token bucket per address: `burst` calls at once,
 //! refilled at `rate` per second. Refused calls are counted, not recorded one by one: the first refusal
 //! of an address writes one `rate_limited` entry, and later ones at most one entry per
@@ -22,7 +23,8 @@ use crate::time::UnixMs;
 /// Refusals of one address are recorded at most once per this period.
 pub const REPORT_EVERY_MS: u64 = 60_000;
 /// Addresses tracked at most; beyond this, addresses whose buckets have refilled are forgotten,
-/// and if that is not enough, all of them (memory stays bounded under a many-address flood).
+/// and if that frees less than a tenth of the table, all of them (memory stays bounded under a
+/// many-address flood, and a full table is not scanned again for every new address).
 pub const MAX_PEERS: usize = 100_000;
 
 /// Whom a bucket belongs to.
@@ -121,7 +123,7 @@ impl PeerLimiter {
         if !peers.contains_key(&peer) && peers.len() >= MAX_PEERS {
             let full = self.burst * 1000;
             peers.retain(|_, b| b.refused > 0 || self.level(b, now) < full);
-            if peers.len() >= MAX_PEERS {
+            if peers.len() > MAX_PEERS - MAX_PEERS / 10 {
                 tracing::warn!(
                     tracked = peers.len(),
                     "call limits: more addresses than can be tracked; starting over"
@@ -142,7 +144,8 @@ impl PeerLimiter {
             return Verdict::Allow;
         }
         b.refused += 1;
-        let retry_after_ms = (1000 - b.milli_tokens).div_ceil(self.rate);
+        // After a clock step back the bucket refills from its last time, not from now.
+        let retry_after_ms = (1000 - b.milli_tokens).div_ceil(self.rate) + b.at.saturating_sub(now);
         let due = b
             .reported
             .is_none_or(|t| now.saturating_sub(t) >= REPORT_EVERY_MS);
@@ -153,6 +156,16 @@ impl PeerLimiter {
         Verdict::Refuse {
             retry_after_ms,
             report,
+        }
+    }
+
+    /// Puts back a reported count whose `rate_limited` entry could not be written, so the next
+    /// entry for the address carries it.
+    pub fn unreport(&self, peer: PeerKey, refused: u64) {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = peers.get_mut(&peer) {
+            b.refused = b.refused.saturating_add(refused);
+            b.reported = None;
         }
     }
 
@@ -231,6 +244,16 @@ mod tests {
                 report: Some(5)
             }
         );
+        // An entry that could not be written: its count goes back, and the next refusal
+        // reports at once.
+        l.unreport(p, 5);
+        assert_eq!(
+            l.check(p, 60_001),
+            Verdict::Refuse {
+                retry_after_ms: 999,
+                report: Some(6)
+            }
+        );
     }
 
     #[test]
@@ -261,7 +284,13 @@ mod tests {
         let l = limiter(1, 1);
         let p = PeerKey::of(addr("192.0.2.1:1"));
         assert_eq!(l.check(p, 10_000), Verdict::Allow);
-        assert_ne!(l.check(p, 5_000), Verdict::Allow);
+        assert_eq!(
+            l.check(p, 5_000),
+            Verdict::Refuse {
+                retry_after_ms: 6_000,
+                report: Some(1)
+            }
+        );
         assert_ne!(l.check(p, 10_500), Verdict::Allow);
         assert_eq!(l.check(p, 11_000), Verdict::Allow);
         let off = limiter(0, 0);

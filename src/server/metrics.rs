@@ -76,7 +76,7 @@ fn describe() {
     );
     metrics::describe_counter!(
         RATE_LIMITED,
-        "GetChallenge and Attest calls refused by the per-address call limit, by RPC"
+        "Node-service and authorization calls refused by the per-address call limit, by RPC"
     );
 }
 
@@ -106,7 +106,7 @@ pub fn audit_tree_size(n: u64) {
     metrics::gauge!(AUDIT_TREE_SIZE).set(n as f64);
 }
 
-/// `rpc` is "GetChallenge" or "Attest".
+/// `rpc` is "GetChallenge", "Attest", "RequestGrant", "FetchWeights" or "authorization".
 pub fn rate_limited(rpc: &'static str) {
     metrics::counter!(RATE_LIMITED, "rpc" => rpc).increment(1);
 }

@@ -79,7 +79,7 @@ pub struct Vault {
     pub grant_ttl_ms: u64,
     pub chunk_size: u32,
     pub budgets: budget::Budgets,
-    /// Call limits per client address for GetChallenge and Attest.
+    /// Call limits per client address (`charge_call`).
     pub peer_limits: limit::PeerLimiter,
     pub approvals: crate::config::ApprovalsConfig,
     /// Cancelled when the server shuts down; endless streams (audit tail) end on it.
@@ -113,8 +113,52 @@ impl Vault {
         Ok(durable)
     }
 
+    /// Charges a call to its address's call limit (`limit`): GetChallenge, and every refusal
+    /// that would write an entry of its own (docs/access-control.md#call-limits). Over the limit
+    /// it is refused with nothing else done; it is counted, and recorded at most once a minute
+    /// per address with the number refused since the last such entry.
+    pub async fn charge_call(
+        &self,
+        request_id: &str,
+        rpc: &'static str,
+        peer: Option<std::net::SocketAddr>,
+    ) -> Result<(), error::ApiError> {
+        let key = limit::PeerKey::of(peer);
+        let limit::Verdict::Refuse {
+            retry_after_ms,
+            report,
+        } = self.peer_limits.check(key, self.now())
+        else {
+            return Ok(());
+        };
+        metrics::rate_limited(rpc);
+        if let Some(refused) = report {
+            let mut entry = self.entry(
+                Action::RateLimited,
+                Decision::Deny,
+                Actor {
+                    kind: crate::audit::entry::ActorKind::Anonymous,
+                    id: None,
+                },
+            );
+            entry.reason = Some(format!(
+                "{refused} call(s) from {key} refused over the call limit since the last such entry"
+            ));
+            if let Err(e) = self.record(request_id, entry).await {
+                // Not on the record: counted again in the next entry.
+                self.peer_limits.unreport(key, refused);
+                return Err(e);
+            }
+        }
+        Err(error::ApiError::RateLimited {
+            reason: format!("too many calls from this address; retry in {retry_after_ms} ms"),
+            retry_after_ms,
+        })
+    }
+
     /// The one authorization check of admin and auditor calls: the caller's certificate must
-    /// carry `role`. A refusal is recorded in the audit log before it is returned.
+    /// carry `role`. A refusal is recorded in the audit log before it is returned (and charged
+    /// to the caller's call limit first).
     pub async fn authorize<T>(
         &self,
         req: &tonic::Request<T>,
@@ -125,6 +169,9 @@ impl Vault {
         match self.roles.require(req, role) {
             Ok(actor) => Ok(actor),
             Err(e) => {
+                self.charge_call(request_id, "authorization", req.remote_addr())
+                    .await
+                    .map_err(|e| e.into_status(request_id))?;
                 let fp = req.peer_certs().and_then(|c| {
                     c.first()
                         .map(|l| crate::config::cert_fingerprint(l.as_ref()))

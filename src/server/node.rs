@@ -50,37 +50,6 @@ fn fixed<const N: usize>(bytes: &[u8], what: &str) -> Result<[u8; N], ApiError> 
 }
 
 impl NodeApi {
-    /// The per-address call limit of the calls anyone can make (`server::limit`). A refusal is
-    /// RESOURCE_EXHAUSTED and changes nothing; it is counted, and recorded at most once a
-    /// minute per address.
-    async fn limit_calls(
-        &self,
-        rid: &str,
-        rpc: &'static str,
-        peer: Option<std::net::SocketAddr>,
-    ) -> Result<(), ApiError> {
-        let v = &self.vault;
-        let key = crate::server::limit::PeerKey::of(peer);
-        let crate::server::limit::Verdict::Refuse {
-            retry_after_ms,
-            report,
-        } = v.peer_limits.check(key, v.now())
-        else {
-            return Ok(());
-        };
-        crate::server::metrics::rate_limited(rpc);
-        if let Some(refused) = report {
-            let mut entry = v.entry(Action::RateLimited, Decision::Deny, anonymous());
-            entry.reason = Some(format!(
-                "{refused} call(s) without a live nonce, session or grant from {key} refused over the call limit since the last such entry"
-            ));
-            v.record(rid, entry).await?;
-        }
-        Err(ApiError::ResourceExhausted(format!(
-            "too many calls from this address; retry in {retry_after_ms} ms"
-        )))
-    }
-
     async fn get_challenge(&self, rid: &str) -> Result<GetChallengeResponse, ApiError> {
         let v = &self.vault;
         let nonce = grant::random::<NONCE_LEN>().map_err(|e| internal(rid, "rng", e))?;
@@ -118,7 +87,7 @@ impl NodeApi {
         let nonce = match fixed::<NONCE_LEN>(&req.nonce, "nonce") {
             Ok(n) => n,
             Err(e) => {
-                self.limit_calls(rid, "Attest", peer).await?;
+                self.vault.charge_call(rid, "Attest", peer).await?;
                 return refuse(deny, e.reason().to_string(), e).await;
             }
         };
@@ -132,7 +101,7 @@ impl NodeApi {
         let now = v.now();
         match expires {
             None => {
-                self.limit_calls(rid, "Attest", peer).await?;
+                self.vault.charge_call(rid, "Attest", peer).await?;
                 return refuse(
                     deny,
                     "unknown or already used nonce".into(),
@@ -257,8 +226,8 @@ impl NodeApi {
             .ok_or_else(expired)
     }
 
-    /// `peer`: the caller's address; a call whose session is unknown or expired is charged to
-    /// its call limit before the refusal is recorded.
+    /// `peer`: the caller's address; a refused call is charged to its call limit before the
+    /// refusal is recorded.
     async fn request_grant(
         &self,
         rid: &str,
@@ -269,8 +238,8 @@ impl NodeApi {
         let session = match self.session(rid, &req.session_token).await {
             Ok(s) => s,
             Err(e) => {
-                if matches!(e, ApiError::Unauthenticated(_)) {
-                    self.limit_calls(rid, "RequestGrant", peer).await?;
+                if !matches!(e, ApiError::Internal) {
+                    self.vault.charge_call(rid, "RequestGrant", peer).await?;
                 }
                 let mut deny = v.entry(Action::Grant, Decision::Deny, anonymous());
                 deny.model = Some(req.model.chars().take(128).collect());
@@ -310,6 +279,7 @@ impl NodeApi {
             Ok(ver) => ver,
             Err(e) => {
                 entry.reason = Some(e.reason().to_string());
+                self.vault.charge_call(rid, "RequestGrant", peer).await?;
                 v.record(rid, entry).await?;
                 return Err(e);
             }
@@ -328,6 +298,7 @@ impl NodeApi {
             .map_err(|e| internal(rid, "loading revocations", e))?;
         if let Some(why) = grant::revoked_for(&revocations, &session, &req.model, version.version) {
             entry.reason = Some(why.clone());
+            self.vault.charge_call(rid, "RequestGrant", peer).await?;
             v.record(rid, entry).await?;
             return Err(ApiError::PermissionDenied(format!("access denied: {why}")));
         }
@@ -344,6 +315,7 @@ impl NodeApi {
             Ok(a) => a,
             Err(denied) => {
                 entry.reason = Some(denied.to_string());
+                self.vault.charge_call(rid, "RequestGrant", peer).await?;
                 v.record(rid, entry).await?;
                 return Err(ApiError::PermissionDenied(format!(
                     "access denied: {denied}"
@@ -441,10 +413,9 @@ impl NodeApi {
         Ok(grant)
     }
 
-    /// `peer`: the caller's address; a call whose grant is not usable by it (unknown, another
-    /// session's, expired or revoked) is charged to its call limit before the refusal is
-    /// recorded.
-    pub(crate) async fn fetch(
+    /// `peer`: the caller's address; a refused call is charged to its call limit before the
+    /// refusal is recorded.
+    async fn fetch(
         &self,
         rid: &str,
         req: FetchWeightsRequest,
@@ -458,12 +429,10 @@ impl NodeApi {
         );
         entry.grant_id = Some(req.grant_id.chars().take(64).collect());
         entry.file = Some(req.file.chars().take(256).collect());
-        let mut unusable_grant = false;
         let checked = async {
             let grant = self
                 .usable_grant(rid, &req.session_token, &req.grant_id)
-                .await
-                .inspect_err(|e| unusable_grant = !matches!(e, ApiError::Internal))?;
+                .await?;
             let version = v
                 .store
                 .get_version(&grant.model, Some(grant.version))
@@ -514,8 +483,8 @@ impl NodeApi {
         let (grant, version_id, file, end, grant_limit, chunk_size) = match checked {
             Ok(x) => x,
             Err(e) => {
-                if unusable_grant {
-                    self.limit_calls(rid, "FetchWeights", peer).await?;
+                if !matches!(e, ApiError::Internal) {
+                    self.vault.charge_call(rid, "FetchWeights", peer).await?;
                 }
                 entry.reason = Some(e.reason().to_string());
                 v.record(rid, entry).await?;
@@ -769,7 +738,8 @@ impl NodeService for NodeApi {
         req: Request<GetChallengeRequest>,
     ) -> Result<Response<GetChallengeResponse>, Status> {
         let rid = request_id();
-        self.limit_calls(&rid, "GetChallenge", req.remote_addr())
+        self.vault
+            .charge_call(&rid, "GetChallenge", req.remote_addr())
             .await
             .map_err(|e| e.into_status(&rid))?;
         self.get_challenge(&rid)
