@@ -7,7 +7,7 @@ mod common;
 use common::{MEASUREMENT, Vault, model_dir, with_action};
 use tonic::Code;
 use weightvault::attest::report_data;
-use weightvault::client::node::{Attester, DirSink, FetchOptions, NodeClient};
+use weightvault::client::node::Attester;
 use weightvault::grant::hpke::NodeKeyPair;
 use weightvault::proto::v1::node_service_client::NodeServiceClient;
 use weightvault::proto::v1::{
@@ -154,12 +154,7 @@ async fn the_node_client_waits_and_retries() {
     let tmp = tempfile::tempdir().unwrap();
     let v = limited(tmp.path(), 1, 1).await;
     let src = model_dir(tmp.path());
-    v.push_dir("m", &src).await;
-    v.admin()
-        .await
-        .allow("m", "sim", MEASUREMENT)
-        .await
-        .unwrap();
+    v.push_allowed("m", &src).await;
     // Another node behind the same address took the one call there was: the fetch's challenge
     // is refused until a second has passed.
     common::raw(&v)
@@ -193,15 +188,7 @@ async fn the_node_client_waits_and_retries() {
         }
     });
     let out = tmp.path().join("out");
-    let r = NodeClient::new(v.channel(None).await)
-        .fetch(
-            "m",
-            &FetchOptions::default(),
-            &v.attester(MEASUREMENT),
-            &mut DirSink::new(&out),
-            &mut |_, _| {},
-        )
-        .await;
+    let r = v.fetch_into("m", &out).await;
     ticker.abort();
     r.unwrap();
     common::assert_same_tree(&src, &out);
@@ -239,12 +226,7 @@ async fn fetch_status(
 async fn bogus_sessions_and_grants_are_charged_and_a_real_boot_is_not() {
     let tmp = tempfile::tempdir().unwrap();
     let v = limited(tmp.path(), 1, 2).await;
-    v.push_dir("m", &model_dir(tmp.path())).await;
-    v.admin()
-        .await
-        .allow("m", "sim", MEASUREMENT)
-        .await
-        .unwrap();
+    v.push_allowed("m", &model_dir(tmp.path())).await;
     let mut c = common::raw(&v).await;
     let before = v.audit_entries().await.len();
     let bogus_grant = || RequestGrantRequest {

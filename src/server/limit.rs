@@ -186,6 +186,13 @@ mod tests {
         })
     }
 
+    fn refused(retry_after_ms: u64, report: Option<u64>) -> Verdict {
+        Verdict::Refuse {
+            retry_after_ms,
+            report,
+        }
+    }
+
     fn addr(s: &str) -> Option<SocketAddr> {
         Some(s.parse().unwrap())
     }
@@ -198,20 +205,8 @@ mod tests {
             assert_eq!(l.check(p, 1000), Verdict::Allow);
         }
         // Empty: at 2 calls per second the next one is 500 ms away; the first refusal reports.
-        assert_eq!(
-            l.check(p, 1000),
-            Verdict::Refuse {
-                retry_after_ms: 500,
-                report: Some(1)
-            }
-        );
-        assert_eq!(
-            l.check(p, 1200),
-            Verdict::Refuse {
-                retry_after_ms: 300,
-                report: None
-            }
-        );
+        assert_eq!(l.check(p, 1000), refused(500, Some(1)));
+        assert_eq!(l.check(p, 1200), refused(300, None));
         assert_eq!(l.check(p, 1500), Verdict::Allow);
         assert_eq!(l.tracked(), 1);
     }
@@ -237,23 +232,11 @@ mod tests {
         // A minute on, the bucket has refilled: drain it, then the next refusal reports the
         // four held back and itself.
         assert_eq!(l.check(p, 60_000), Verdict::Allow);
-        assert_eq!(
-            l.check(p, 60_000),
-            Verdict::Refuse {
-                retry_after_ms: 1000,
-                report: Some(5)
-            }
-        );
+        assert_eq!(l.check(p, 60_000), refused(1000, Some(5)));
         // An entry that could not be written: its count goes back, and the next refusal
         // reports at once.
         l.unreport(p, 5);
-        assert_eq!(
-            l.check(p, 60_001),
-            Verdict::Refuse {
-                retry_after_ms: 999,
-                report: Some(6)
-            }
-        );
+        assert_eq!(l.check(p, 60_001), refused(999, Some(6)));
     }
 
     #[test]
@@ -284,13 +267,7 @@ mod tests {
         let l = limiter(1, 1);
         let p = PeerKey::of(addr("192.0.2.1:1"));
         assert_eq!(l.check(p, 10_000), Verdict::Allow);
-        assert_eq!(
-            l.check(p, 5_000),
-            Verdict::Refuse {
-                retry_after_ms: 6_000,
-                report: Some(1)
-            }
-        );
+        assert_eq!(l.check(p, 5_000), refused(6_000, Some(1)));
         assert_ne!(l.check(p, 10_500), Verdict::Allow);
         assert_eq!(l.check(p, 11_000), Verdict::Allow);
         let off = limiter(0, 0);

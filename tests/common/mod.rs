@@ -147,6 +147,17 @@ impl Vault {
             .await
     }
 
+    /// Pushes `dir` as `model` and allows the test measurement to read it.
+    pub async fn push_allowed(&self, model: &str, dir: &Path) -> u64 {
+        let version = self.push_dir(model, dir).await;
+        self.admin()
+            .await
+            .allow(model, "sim", MEASUREMENT)
+            .await
+            .unwrap();
+        version
+    }
+
     pub fn sim_key(&self) -> Vec<u8> {
         std::fs::read(self.dir.join(files::SIM_KEY)).unwrap()
     }
