@@ -285,3 +285,55 @@ async fn bogus_sessions_and_grants_are_charged_and_a_real_boot_is_not() {
         1
     );
 }
+
+#[tokio::test]
+async fn refusals_no_later_call_carries_are_recorded_after_a_minute_and_at_a_stop() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut v = limited(tmp.path(), 1, 1).await;
+    let mut c = common::raw(&v).await;
+    c.get_challenge(GetChallengeRequest {}).await.unwrap();
+    refuse(&mut c, 3).await;
+    // The first refusal is on the record; the other two wait for a minute to pass.
+    let server = v.server.as_ref().unwrap();
+    assert_eq!(server.record_pending_refusals().await, 0);
+    v.clock.advance_ms(60_000);
+    assert_eq!(server.record_pending_refusals().await, 1);
+    let reports = rate_limited(&v.audit_entries().await);
+    assert_eq!(reports.len(), 2, "{reports:?}");
+    assert!(
+        reports[1].starts_with("2 call(s) from 127.0.0.1"),
+        "{reports:?}"
+    );
+
+    // One more refusal within the next minute, then a graceful stop records it.
+    c.get_challenge(GetChallengeRequest {}).await.unwrap();
+    refuse(&mut c, 1).await;
+    assert_eq!(server.record_pending_refusals().await, 0);
+    v.stop().await;
+    let store = weightvault::store::sqlite::SqliteStore::open(&v.dir.join("metadata.db"))
+        .await
+        .unwrap();
+    use weightvault::store::MetadataStore;
+    let entries: Vec<serde_json::Value> = store
+        .audit_entries(0, u64::MAX, 10_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, e)| serde_json::from_slice(&e).unwrap())
+        .collect();
+    let reports = rate_limited(&entries);
+    assert_eq!(reports.len(), 3, "{reports:?}");
+    assert!(
+        reports[2].starts_with("1 call(s) from 127.0.0.1"),
+        "{reports:?}"
+    );
+    assert_eq!(entries.last().unwrap()["action"], "server_stop");
+}
+
+/// Makes `n` calls that the limit refuses.
+async fn refuse(c: &mut NodeServiceClient<tonic::transport::Channel>, n: usize) {
+    for _ in 0..n {
+        let e = c.get_challenge(GetChallengeRequest {}).await.unwrap_err();
+        assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    }
+}

@@ -159,6 +159,24 @@ impl PeerLimiter {
         }
     }
 
+    /// Takes the counts of refusals not yet on the record: of every address whose last entry is
+    /// at least [`REPORT_EVERY_MS`] old, or of every address when `all` (a graceful stop). They
+    /// count as recorded from `now`.
+    pub fn take_pending(&self, now: UnixMs, all: bool) -> Vec<(PeerKey, u64)> {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        for (key, b) in peers.iter_mut() {
+            let due = all
+                || b.reported
+                    .is_none_or(|t| now.saturating_sub(t) >= REPORT_EVERY_MS);
+            if b.refused > 0 && due {
+                out.push((*key, std::mem::take(&mut b.refused)));
+                b.reported = Some(now);
+            }
+        }
+        out
+    }
+
     /// Puts back a reported count whose `rate_limited` entry could not be written, so the next
     /// entry for the address carries it.
     pub fn unreport(&self, peer: PeerKey, refused: u64) {
@@ -237,6 +255,30 @@ mod tests {
         // reports at once.
         l.unreport(p, 5);
         assert_eq!(l.check(p, 60_001), refused(999, Some(6)));
+    }
+
+    #[test]
+    fn pending_counts_are_taken_once_due_or_all_at_a_stop() {
+        let l = limiter(1, 1);
+        let (a, b) = (PeerKey::V4([192, 0, 2, 1]), PeerKey::V4([192, 0, 2, 2]));
+        for p in [a, b] {
+            assert_eq!(l.check(p, 0), Verdict::Allow);
+            assert_eq!(l.check(p, 0), refused(1000, Some(1)));
+        }
+        for _ in 0..3 {
+            assert_eq!(l.check(a, 100), refused(900, None));
+        }
+        assert_eq!(l.check(b, 100), refused(900, None));
+        // Within the minute nothing is due; at a stop everything is.
+        assert!(l.take_pending(59_999, false).is_empty());
+        let mut due = l.take_pending(60_000, false);
+        due.sort_by_key(|(_, n)| *n);
+        assert_eq!(due, [(b, 1), (a, 3)]);
+        assert!(l.take_pending(60_000, false).is_empty());
+        assert_eq!(l.check(a, 60_000), Verdict::Allow);
+        assert_eq!(l.check(a, 60_000), refused(1000, None));
+        assert_eq!(l.take_pending(60_001, true), [(a, 1)]);
+        assert!(l.take_pending(60_001, true).is_empty());
     }
 
     #[test]

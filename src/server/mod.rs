@@ -133,17 +133,7 @@ impl Vault {
         };
         metrics::rate_limited(rpc);
         if let Some(refused) = report {
-            let mut entry = self.entry(
-                Action::RateLimited,
-                Decision::Deny,
-                Actor {
-                    kind: crate::audit::entry::ActorKind::Anonymous,
-                    id: None,
-                },
-            );
-            entry.reason = Some(format!(
-                "{refused} call(s) from {key} refused over the call limit since the last such entry"
-            ));
+            let entry = self.rate_limited_entry(key, refused);
             if let Err(e) = self.record(request_id, entry).await {
                 // Not on the record: counted again in the next entry.
                 self.peer_limits.unreport(key, refused);
@@ -154,6 +144,43 @@ impl Vault {
             reason: format!("too many calls from this address; retry in {retry_after_ms} ms"),
             retry_after_ms,
         })
+    }
+
+    fn rate_limited_entry(&self, key: limit::PeerKey, refused: u64) -> AuditEntry {
+        let mut entry = self.entry(
+            Action::RateLimited,
+            Decision::Deny,
+            Actor {
+                kind: crate::audit::entry::ActorKind::Anonymous,
+                id: None,
+            },
+        );
+        entry.reason = Some(format!(
+            "{refused} call(s) from {key} refused over the call limit since the last such entry"
+        ));
+        entry
+    }
+
+    /// Records the refusals no `rate_limited` entry carries yet: of addresses whose last entry
+    /// is a minute old (`all`: of every address, at a graceful stop). Runs every 30 s, so every
+    /// refusal is on the record within about 90 s. Returns the entries written; a count whose
+    /// entry fails to write goes back to its address.
+    pub async fn record_pending_refusals(&self, all: bool) -> usize {
+        let mut written = 0;
+        let mut pending = self.peer_limits.take_pending(self.now(), all).into_iter();
+        while let Some((key, refused)) = pending.next() {
+            let entry = self.rate_limited_entry(key, refused);
+            if let Err(e) = self.record(&request_id(), entry).await {
+                tracing::warn!(error = e.reason(), "could not record call-limit refusals");
+                self.peer_limits.unreport(key, refused);
+                for (key, refused) in pending {
+                    self.peer_limits.unreport(key, refused);
+                }
+                break;
+            }
+            written += 1;
+        }
+        written
     }
 
     /// The one authorization check of admin and auditor calls: the caller's certificate must
@@ -252,6 +279,7 @@ impl RunningServer {
         let Some(vault) = self.unlocked.get() else {
             return result;
         };
+        vault.record_pending_refusals(true).await;
         let mut stop = AuditEntry::new(
             vault.now(),
             Action::ServerStop,
@@ -286,6 +314,15 @@ impl RunningServer {
     /// (with replicas, exactly one live replica does once the previous holder's lease expired).
     pub fn holds_audit_lease(&self) -> bool {
         self.unlocked.get().is_some_and(|v| v.audit.holds_lease())
+    }
+
+    /// Records call-limit refusals that are due (what the background task does every 30 s);
+    /// returns the entries written. For tests that drive the clock.
+    pub async fn record_pending_refusals(&self) -> usize {
+        match self.unlocked.get() {
+            Some(v) => v.record_pending_refusals(false).await,
+            None => 0,
+        }
     }
 
     /// Stops at once, as a crash would: no drain, no `server_stop` entry, no final checkpoint,
@@ -746,6 +783,7 @@ fn spawn_purger(vault: Arc<Vault>, stop: CancellationToken) -> tokio::task::Join
             if let Err(e) = vault.store.purge_expired(vault.now()).await {
                 tracing::warn!(error = %e, "purging expired challenges failed");
             }
+            vault.record_pending_refusals(false).await;
         }
     })
 }
