@@ -22,6 +22,9 @@ use crate::time::UnixMs;
 
 /// Refusals of one address are recorded at most once per this period.
 pub const REPORT_EVERY_MS: u64 = 60_000;
+/// Addresses that get a `rate_limited` entry each from one background check or stop; the
+/// others share one entry.
+pub const MAX_REPORTS: usize = 100;
 /// Addresses tracked at most; beyond this, addresses whose buckets have refilled are forgotten,
 /// and if that frees less than a tenth of the table, all of them (memory stays bounded under a
 /// many-address flood, and a full table is not scanned again for every new address).
@@ -65,6 +68,38 @@ impl std::fmt::Display for PeerKey {
             PeerKey::Unknown => f.write_str("an unknown address"),
         }
     }
+}
+
+/// One `rate_limited` entry to write: who (an address, or how many others), the refusals,
+/// and the counts it carries (to put back if the entry cannot be written).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Report {
+    pub who: String,
+    pub refused: u64,
+    pub counts: Vec<(PeerKey, u64)>,
+}
+
+/// Groups pending counts into entries: the [`MAX_REPORTS`] addresses with the most refusals
+/// one each, most first, and the rest one together.
+pub fn group_reports(mut pending: Vec<(PeerKey, u64)>) -> Vec<Report> {
+    pending.sort_unstable_by_key(|(_, n)| std::cmp::Reverse(*n));
+    let rest = pending.split_off(pending.len().min(MAX_REPORTS));
+    let mut out: Vec<Report> = pending
+        .into_iter()
+        .map(|(key, n)| Report {
+            who: key.to_string(),
+            refused: n,
+            counts: vec![(key, n)],
+        })
+        .collect();
+    if !rest.is_empty() {
+        out.push(Report {
+            who: format!("{} other addresses", rest.len()),
+            refused: rest.iter().map(|(_, n)| n).sum(),
+            counts: rest,
+        });
+    }
+    out
 }
 
 /// What to do with one call.
@@ -279,6 +314,26 @@ mod tests {
         assert_eq!(l.check(a, 60_000), refused(1000, None));
         assert_eq!(l.take_pending(60_001, true), [(a, 1)]);
         assert!(l.take_pending(60_001, true).is_empty());
+    }
+
+    #[test]
+    fn many_addresses_share_one_entry_past_the_first_hundred() {
+        let pending: Vec<(PeerKey, u64)> = (0..250u32)
+            .map(|i| (PeerKey::V4(i.to_be_bytes()), u64::from(i) + 1))
+            .collect();
+        let reports = group_reports(pending);
+        assert_eq!(reports.len(), MAX_REPORTS + 1);
+        // The most refused first, by name.
+        assert_eq!(reports[0].who, "0.0.0.249");
+        assert_eq!(reports[0].refused, 250);
+        assert_eq!(reports[MAX_REPORTS - 1].refused, 151);
+        // The other 150 (1..=150 refusals) together.
+        let rest = &reports[MAX_REPORTS];
+        assert_eq!(rest.who, "150 other addresses");
+        assert_eq!(rest.refused, (1..=150).sum::<u64>());
+        assert_eq!(rest.counts.len(), 150);
+        assert!(group_reports(Vec::new()).is_empty());
+        assert_eq!(group_reports(vec![(PeerKey::Unknown, 2)]).len(), 1);
     }
 
     #[test]

@@ -146,7 +146,7 @@ impl Vault {
         })
     }
 
-    fn rate_limited_entry(&self, key: limit::PeerKey, refused: u64) -> AuditEntry {
+    fn rate_limited_entry(&self, who: impl std::fmt::Display, refused: u64) -> AuditEntry {
         let mut entry = self.entry(
             Action::RateLimited,
             Decision::Deny,
@@ -156,25 +156,28 @@ impl Vault {
             },
         );
         entry.reason = Some(format!(
-            "{refused} call(s) from {key} refused over the call limit since the last such entry"
+            "{refused} call(s) from {who} refused over the call limit since the last such entry"
         ));
         entry
     }
 
     /// Records the refusals no `rate_limited` entry carries yet: of addresses whose last entry
     /// is a minute old (`all`: of every address, at a graceful stop). Runs every 30 s, so every
-    /// refusal is on the record within about 90 s. Returns the entries written; a count whose
-    /// entry fails to write goes back to its address.
+    /// refusal is on the record within about 90 s. The [`limit::MAX_REPORTS`] addresses with
+    /// the most refusals get an entry each and the rest one entry together, so a stop during a
+    /// many-address flood does not wait on thousands of appends. Returns the entries written;
+    /// counts whose entry fails to write go back to their addresses.
     pub async fn record_pending_refusals(&self, all: bool) -> usize {
+        let pending = self.peer_limits.take_pending(self.now(), all);
+        let mut reports = limit::group_reports(pending).into_iter();
         let mut written = 0;
-        let mut pending = self.peer_limits.take_pending(self.now(), all).into_iter();
-        while let Some((key, refused)) = pending.next() {
-            let entry = self.rate_limited_entry(key, refused);
+        while let Some(report) = reports.next() {
+            let entry = self.rate_limited_entry(&report.who, report.refused);
             if let Err(e) = self.record(&request_id(), entry).await {
                 tracing::warn!(error = e.reason(), "could not record call-limit refusals");
-                self.peer_limits.unreport(key, refused);
-                for (key, refused) in pending {
-                    self.peer_limits.unreport(key, refused);
+                let counts = report.counts.into_iter();
+                for (key, n) in counts.chain(reports.flat_map(|r| r.counts)) {
+                    self.peer_limits.unreport(key, n);
                 }
                 break;
             }
