@@ -188,9 +188,15 @@ async fn the_node_client_waits_and_retries() {
         }
     });
     let out = tmp.path().join("out");
+    let started = std::time::Instant::now();
     let r = v.fetch_into("m", &out).await;
+    let took = started.elapsed();
     ticker.abort();
     r.unwrap();
+    // The refusal said 1000 ms (the vault's clock had not moved yet), and the client waited at
+    // least that before its next try, not just its first 200 ms backoff. (A lower bound on a
+    // wait the client chose, not a performance measurement.)
+    assert!(took >= std::time::Duration::from_millis(1000), "{took:?}");
     common::assert_same_tree(&src, &out);
     let entries = v.audit_entries().await;
     assert_eq!(rate_limited(&entries).len(), 1);

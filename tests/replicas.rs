@@ -54,6 +54,8 @@ async fn two_replicas_share_models_grants_revocations_and_one_log() {
         // Short enough for a quick takeover, with room for late renewals on a busy machine.
         cfg.audit.lease_secs = 3;
         cfg.audit.heartbeat_secs = 1;
+        // The challenge hammer below must not meet the call limit before A dies.
+        cfg.limits.peer_calls_per_sec = 0;
     };
     let mut a = Vault::start_configured(&data, clock.clone(), adjust).await;
     let b = Vault::start_configured(&data, clock.clone(), adjust).await;

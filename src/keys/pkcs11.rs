@@ -100,9 +100,10 @@ impl HsmSeal {
     /// Loads the module and finds the token. Does not log in yet.
     pub fn open(p: HsmParams) -> Result<Self, KeyError> {
         let (ctx, ops) = context(&p.module)?;
+        // The lock guards no data: a panic while it was held leaves nothing half-changed.
         let one = ops
             .lock()
-            .map_err(|_| seal_err("pkcs11 operation lock poisoned"))?;
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let slots = ctx
             .get_slots_with_token()
             .map_err(|e| seal_err(format!("pkcs11: listing slots: {e}")))?;
@@ -153,9 +154,11 @@ impl HsmSeal {
     /// The seal calls the HSM a few times per start, rekey or migration, so nothing waits
     /// for long.
     fn one_at_a_time(&self) -> Result<MutexGuard<'_, ()>, KeyError> {
-        self.ops
+        // The lock guards no data: a panic while it was held leaves nothing half-changed.
+        Ok(self
+            .ops
             .lock()
-            .map_err(|_| seal_err("pkcs11 operation lock poisoned"))
+            .unwrap_or_else(std::sync::PoisonError::into_inner))
     }
 
     fn session(&self) -> Result<Session, KeyError> {

@@ -115,8 +115,9 @@ impl Vault {
 
     /// Charges a call to its address's call limit (`limit`): GetChallenge, and every refusal
     /// that would write an entry of its own (docs/access-control.md#call-limits). Over the limit
-    /// it is refused with nothing else done; it is counted, and recorded at most once a minute
-    /// per address with the number refused since the last such entry.
+    /// the call is refused without an entry of its own (the store reads that found it refusable
+    /// have run); it is counted, and recorded at most once a minute per address with the number
+    /// refused since the last such entry.
     pub async fn charge_call(
         &self,
         request_id: &str,
@@ -282,6 +283,18 @@ impl RunningServer {
         let Some(vault) = self.unlocked.get() else {
             return result;
         };
+        // The purger ends on the token (cancelled here too when the server ended by itself);
+        // once it has, the refusals it has not recorded are, before `server_stop`.
+        self.shutdown.cancel();
+        let purger = self
+            .inputs
+            .purger_task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(t) = purger {
+            let _ = t.await;
+        }
         vault.record_pending_refusals(true).await;
         let mut stop = AuditEntry::new(
             vault.now(),
@@ -489,6 +502,7 @@ pub async fn start(cfg: &Config, opts: StartOptions) -> Result<RunningServer, Se
         shutdown: shutdown.clone(),
         serving: serving.clone(),
         sequencer_task: std::sync::Mutex::new(None),
+        purger_task: std::sync::Mutex::new(None),
     });
     // Set once the root key is in: at once for the file and pkcs11 seals, at the unseal for
     // shamir. Until then every service but OperatorService and health answers UNAVAILABLE.
@@ -581,6 +595,9 @@ pub struct UnlockInputs {
     pub shutdown: CancellationToken,
     pub serving: health::ServingState,
     sequencer_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The background task that purges challenges and records call-limit refusals; awaited at
+    /// a stop before the last entries, so none of its appends comes after `server_stop`.
+    purger_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// Start-up steps 3 to 7 (docs/architecture.md): opens the key ring with the root key, starts
@@ -748,7 +765,8 @@ pub(crate) async fn unlock(
         admin::spawn_rotation(vault.clone());
     }
     // Both end on the shutdown token.
-    spawn_purger(vault.clone(), shutdown.clone());
+    *u.purger_task.lock().unwrap_or_else(|p| p.into_inner()) =
+        Some(spawn_purger(vault.clone(), shutdown.clone()));
     spawn_tree_size_gauge(vault.audit.size(), shutdown.clone());
     *u.sequencer_task.lock().unwrap_or_else(|p| p.into_inner()) = Some(sequencer_task);
     if cell.set(vault.clone()).is_err() {

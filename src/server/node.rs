@@ -571,6 +571,11 @@ impl NodeApi {
                         };
                         let e = match denied {
                             Some(denied) => {
+                                tracing::warn!(
+                                    request_id = %rid,
+                                    error = %e,
+                                    "chunk unreadable; the grant is no longer live, reporting that"
+                                );
                                 outcome = denied.reason().to_string();
                                 denied
                             }
