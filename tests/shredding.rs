@@ -8,9 +8,28 @@ use common::{MEASUREMENT, Vault, bytes, model_dir, with_action};
 use weightvault::client::node::{DirSink, FetchOptions};
 use weightvault::grant::hpke::NodeKeyPair;
 use weightvault::proto::v1::FetchWeightsRequest;
+use weightvault::proto::v1::node_service_client::NodeServiceClient;
 use weightvault::store::MetadataStore;
 use weightvault::store::sqlite::SqliteStore;
 use weightvault::time::{Clock, ManualClock, SystemClock};
+
+/// A node client, an attestation session and a grant for `m`@`version`.
+async fn granted(
+    v: &Vault,
+    version: u64,
+) -> (
+    NodeServiceClient<tonic::transport::Channel>,
+    Vec<u8>,
+    weightvault::proto::v1::RequestGrantResponse,
+) {
+    let mut raw = common::raw(v).await;
+    let keys = NodeKeyPair::generate().unwrap();
+    let token = common::attest(&mut raw, &v.attester(MEASUREMENT), &keys)
+        .await
+        .unwrap();
+    let g = common::grant(&mut raw, &token, "m", version).await.unwrap();
+    (raw, token, g)
+}
 
 fn blob_dir(v: &Vault, version_id: &str) -> std::path::PathBuf {
     v.dir.join("blobs").join("v").join(version_id)
@@ -45,12 +64,7 @@ async fn rm_destroys_the_key_then_the_blobs_and_stops_everything() {
     assert!(blob_dir(&v, &vid).is_dir());
 
     // A live grant for version 1 and a stream on it that has started.
-    let mut raw = common::raw(&v).await;
-    let keys = NodeKeyPair::generate().unwrap();
-    let token = common::attest(&mut raw, &v.attester(MEASUREMENT), &keys)
-        .await
-        .unwrap();
-    let g = common::grant(&mut raw, &token, "m", 1).await.unwrap();
+    let (mut raw, token, g) = granted(&v, 1).await;
     let mut stream = raw
         .fetch_weights(FetchWeightsRequest {
             session_token: token.clone(),
@@ -242,12 +256,7 @@ async fn a_blob_gone_after_the_grant_check_reports_the_revocation() {
     admin.allow("m", "sim", MEASUREMENT).await.unwrap();
     let vid = version_id(&v, "m", 1).await;
 
-    let mut raw = common::raw(&v).await;
-    let keys = NodeKeyPair::generate().unwrap();
-    let token = common::attest(&mut raw, &v.attester(MEASUREMENT), &keys)
-        .await
-        .unwrap();
-    let g = common::grant(&mut raw, &token, "m", 1).await.unwrap();
+    let (mut raw, token, g) = granted(&v, 1).await;
     let request = || FetchWeightsRequest {
         session_token: token.clone(),
         grant_id: g.grant_id.clone(),
@@ -292,9 +301,7 @@ async fn a_blob_gone_after_the_grant_check_reports_the_revocation() {
 /// The status a FetchWeights call ends with before any chunk, whether the vault refused it at
 /// once or after starting the response.
 async fn first_error(
-    raw: &mut weightvault::proto::v1::node_service_client::NodeServiceClient<
-        tonic::transport::Channel,
-    >,
+    raw: &mut NodeServiceClient<tonic::transport::Channel>,
     req: FetchWeightsRequest,
 ) -> tonic::Status {
     match raw.fetch_weights(req).await {

@@ -286,15 +286,7 @@ impl RunningServer {
         // The purger ends on the token (cancelled here too when the server ended by itself);
         // once it has, the refusals it has not recorded are, before `server_stop`.
         self.shutdown.cancel();
-        let purger = self
-            .inputs
-            .purger_task
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(t) = purger {
-            let _ = t.await;
-        }
+        join_task(&self.inputs.purger_task).await;
         vault.record_pending_refusals(true).await;
         let mut stop = AuditEntry::new(
             vault.now(),
@@ -310,15 +302,7 @@ impl RunningServer {
             tracing::error!(error = %e, "could not record the shutdown");
         }
         vault.audit.close().await;
-        let task = self
-            .inputs
-            .sequencer_task
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(t) = task {
-            let _ = t.await;
-        }
+        join_task(&self.inputs.sequencer_task).await;
         result
     }
 
@@ -794,6 +778,14 @@ fn spawn_tree_size_gauge(
 }
 
 /// Deletes expired challenges and sessions every 30 seconds.
+/// Waits for the background task kept in `slot`, if one is there.
+async fn join_task(slot: &std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>) {
+    let task = slot.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(t) = task {
+        let _ = t.await;
+    }
+}
+
 fn spawn_purger(vault: Arc<Vault>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
