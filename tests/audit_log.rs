@@ -13,7 +13,6 @@ use weightvault::audit::replay::{self, FindingKind, Input};
 use weightvault::config::Config;
 use weightvault::config::dev::{self, files};
 use weightvault::server::{self, StartOptions};
-use weightvault::store::MetadataStore;
 
 /// A vault with a pushed model, an allowed measurement and one full fetch on the record.
 async fn busy(tmp: &std::path::Path) -> Vault {
@@ -416,16 +415,7 @@ async fn quiet_periods_get_heartbeats() {
     .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
     running.shutdown().await.unwrap();
-    let store = weightvault::store::sqlite::SqliteStore::open(&dir.join("metadata.db"))
-        .await
-        .unwrap();
-    let entries: Vec<serde_json::Value> = store
-        .audit_entries(0, u64::MAX, 1000)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|(_, e)| serde_json::from_slice(&e).unwrap())
-        .collect();
+    let entries = common::stored_entries(&dir).await;
     assert!(
         !with_action(&entries, "heartbeat").is_empty(),
         "{entries:?}"

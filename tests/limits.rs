@@ -316,17 +316,7 @@ async fn refusals_no_later_call_carries_are_recorded_after_a_minute_and_at_a_sto
     refuse(&mut c, 1).await;
     assert_eq!(server.record_pending_refusals().await, 0);
     v.stop().await;
-    let store = weightvault::store::sqlite::SqliteStore::open(&v.dir.join("metadata.db"))
-        .await
-        .unwrap();
-    use weightvault::store::MetadataStore;
-    let entries: Vec<serde_json::Value> = store
-        .audit_entries(0, u64::MAX, 10_000)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|(_, e)| serde_json::from_slice(&e).unwrap())
-        .collect();
+    let entries = common::stored_entries(&v.dir).await;
     let reports = rate_limited(&entries);
     assert_eq!(reports.len(), 3, "{reports:?}");
     assert!(

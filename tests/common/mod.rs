@@ -293,6 +293,20 @@ pub async fn wait_until(what: &str, mut cond: impl AsyncFnMut() -> bool) {
     }
 }
 
+/// Every audit entry of a stopped vault's embedded store in `data_dir`, parsed.
+pub async fn stored_entries(data_dir: &Path) -> Vec<serde_json::Value> {
+    use weightvault::store::MetadataStore;
+    weightvault::store::sqlite::SqliteStore::open(&data_dir.join("metadata.db"))
+        .await
+        .unwrap()
+        .audit_entries(0, u64::MAX, 100_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, e)| serde_json::from_slice(&e).unwrap())
+        .collect()
+}
+
 /// The entries with a given action.
 pub fn with_action<'a>(
     entries: &'a [serde_json::Value],
